@@ -1,0 +1,13 @@
+"""Test set-up: 8 host devices for the sharding tests (before jax is imported)."""
+import os
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (must follow the XLA_FLAGS set-up)
+
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("ATOD_JAX_TEST_CACHE", os.path.expanduser("~/.cache/atod_jax/jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
