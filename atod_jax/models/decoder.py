@@ -1,0 +1,278 @@
+"""A Flax NNX decoder-only LM covering Qwen2/2.5, Qwen3, Qwen3-MoE and Llama 3.
+
+Axes: ``B`` batch, ``T`` tokens of this call, ``S`` KV-cache slots, ``H`` hidden size,
+``N`` query heads, ``K`` key/value heads, ``D`` head dim, ``V`` vocabulary, ``E`` experts.
+
+One call handles training / scoring (no cache: causal attention over the ``T`` tokens)
+and sampling (with a :class:`KVCache`: the ``T`` new tokens are written at slots
+``[index, index + T)`` and attend to every valid slot up to their own). Rows may hold
+padding anywhere (``valid == False``): a padded token is never attended to, and RoPE
+positions are given explicitly, so left padding, holes between turns and appended
+observations of different lengths per row all work the same way.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from atod_jax.models.config import ModelConfig
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: all-masked rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float = 0.02):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys / values and the slot bookkeeping shared by all layers.
+
+  ``keys[i]``, ``values[i]``: ``[B, S, K, D]`` (RoPE already applied to keys).
+  ``valid``: ``[B, S]`` bool, slot holds a real token. ``index``: int32 scalar, next slot
+  to write (the same for all rows). ``next_position``: ``[B]`` int32, RoPE position of
+  each row's next real token.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+  next_position: jax.Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+               valid=jnp.zeros((batch, slots), bool), index=jnp.int32(0),
+               next_position=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.valid.shape[1]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies ``[D/2]`` (with Llama 3 scaling where configured)."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  if cfg.rope_llama3 is not None:
+    factor, low, high, orig = cfg.rope_llama3
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates ``x`` ``[B, T, heads, D]`` by ``positions`` ``[B, T]`` (half-split layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs, axes=("norm",)):
+    self.scale = _param(rngs, (dim,), axes, cfg.params_dtype, init="ones")
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    h, n, k, d, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.params_dtype
+    self.cfg = cfg
+    self.q = _param(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), pd)
+    self.k = _param(rngs, (h, k, d), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, (h, k, d), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, (n, d, h), ("q_heads", "head_dim", "embed"), pd)
+    if cfg.attention_bias:
+      self.q_bias = _param(rngs, (n, d), ("q_heads", "head_dim"), pd, init="zeros")
+      self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, init="zeros")
+      self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), pd, init="zeros")
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
+
+  def __call__(self, x, positions, valid, inv_freq, cache_kv, index):
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt))
+    k = jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt))
+    v = jnp.einsum("bth,hkd->btkd", x, self.v[...].astype(dt))
+    if cfg.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    t = x.shape[1]
+    if cache_kv is None:  # attend within this call: causal over T, padding masked
+      keys, values = k, v
+      allowed = valid[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]  # [B, T, S=T]
+    else:
+      cache_k, cache_v, slot_valid = cache_kv
+      keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+      values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      slots = keys.shape[1]
+      causal = jnp.arange(slots)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
+      allowed = slot_valid[:, None, :] & causal[None]
+    b, n, kh = x.shape[0], cfg.num_heads, cfg.num_kv_heads
+    qg = q.reshape(b, t, kh, n // kh, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dt)).astype(jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dt)).reshape(b, t, n, cfg.head_dim)
+    out = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
+    return out, (None if cache_kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    h, i, pd = cfg.hidden_size, cfg.intermediate_size, cfg.params_dtype
+    self.gate = _param(rngs, (h, i), ("embed", "mlp"), pd)
+    self.up = _param(rngs, (h, i), ("embed", "mlp"), pd)
+    self.down = _param(rngs, (i, h), ("mlp", "embed"), pd)
+
+  def __call__(self, x):
+    dt = x.dtype
+    g = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    return g @ self.down[...].astype(dt)
+
+
+class MoE(nnx.Module):
+  """Token-choice top-k routed experts (Qwen3-MoE), computed dropless with ragged_dot."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    h, i, e, pd = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.params_dtype
+    self.cfg = cfg
+    self.router = _param(rngs, (h, e), ("embed", None), pd)
+    self.gate = _param(rngs, (e, h, i), ("expert", "embed", "mlp"), pd)
+    self.up = _param(rngs, (e, h, i), ("expert", "embed", "mlp"), pd)
+    self.down = _param(rngs, (e, i, h), ("expert", "mlp", "embed"), pd)
+
+  def __call__(self, x):
+    cfg, dt = self.cfg, x.dtype
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # [M, H]
+    logits = (x @ self.router[...].astype(dt)).astype(jnp.float32)
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    flat = experts.reshape(-1)  # [M * k]
+    order = jnp.argsort(flat)
+    token = order // cfg.num_experts_per_tok
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+    xs = x[token]
+    hidden = (jax.nn.silu(jax.lax.ragged_dot(xs, self.gate[...].astype(dt), sizes))
+              * jax.lax.ragged_dot(xs, self.up[...].astype(dt), sizes))
+    y = jax.lax.ragged_dot(hidden, self.down[...].astype(dt), sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(dt)
+    return jnp.zeros_like(x).at[token].add(y).reshape(shape)
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+    self.mlp = MoE(cfg, rngs) if cfg.is_moe_layer(layer) else MLP(cfg, rngs)
+
+  def __call__(self, x, positions, valid, inv_freq, cache_kv, index):
+    a, new_kv = self.attn(self.attn_norm(x), positions, valid, inv_freq, cache_kv, index)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+@nnx.remat(static_argnums=(4,))
+def _remat_layer(layer, x, positions, valid, inv_freq):
+  return layer(x, positions, valid, np.asarray(inv_freq), None, None)
+
+
+class DecoderLM(nnx.Module):
+  """Decoder-only causal LM. See the module docstring for the calling convention."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                        cfg.params_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                            cfg.params_dtype)
+
+  def unembed_matrix(self, dtype) -> jax.Array:
+    """``[H, V]`` output projection (the embedding, transposed, when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].astype(dtype).T
+    return self.lm_head[...].astype(dtype)
+
+  def hidden_states(self, tokens, positions=None, valid=None, cache: KVCache | None = None):
+    """Final-norm hidden states ``[B, T, H]`` and the updated cache (or None).
+
+    Args:
+      tokens: ``[B, T]`` int token ids.
+      positions: ``[B, T]`` int RoPE positions; default ``0..T-1`` without a cache and
+        ``cache.next_position + (running count of valid tokens)`` with one.
+      valid: ``[B, T]`` bool, real (not padding) tokens; default all True.
+      cache: a :class:`KVCache` to extend, or None.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+    if positions is None:
+      offset = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+      base = 0 if cache is None else cache.next_position[:, None]
+      positions = base + jnp.maximum(offset, 0)
+    inv_freq = rope_inv_freq(cfg)  # a compile-time constant
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    if cache is not None:
+      slot_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
+    keys, values = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.keys[i], cache.values[i], slot_valid)
+      index = None if cache is None else cache.index
+      if cfg.remat and cache is None:
+        x, new_kv = _remat_layer(layer, x, positions, valid, inv_freq)
+      else:
+        x, new_kv = layer(x, positions, valid, inv_freq, kv, index)
+      if new_kv is not None:
+        keys.append(new_kv[0])
+        values.append(new_kv[1])
+    x = self.norm(x)
+    if cache is None:
+      return x, None
+    new_cache = KVCache(
+        keys=tuple(keys), values=tuple(values), valid=slot_valid, index=cache.index + t,
+        next_position=cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    return x, new_cache
+
+  def __call__(self, tokens, positions=None, valid=None, cache: KVCache | None = None):
+    """Logits ``[B, T, V]`` (float32) and the updated cache (or None)."""
+    x, cache = self.hidden_states(tokens, positions, valid, cache)
+    logits = x @ self.unembed_matrix(x.dtype)
+    return logits.astype(jnp.float32), cache
