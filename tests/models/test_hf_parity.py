@@ -57,3 +57,20 @@ def test_clear_errors(tmp_path):
   (tmp_path / "hf" / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="safetensors"):
     load_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_generation_matches_transformers(case, tmp_path):
+  import jax
+
+  from atod_jax import sampling as smp
+
+  ref = make_checkpoint(case, tmp_path / "hf")
+  model = load_pretrained(tmp_path / "hf", dtype="float32")
+  prompt = _tokens(2, batch=2, length=9)
+  with torch.no_grad():
+    want = ref.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                        max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)[:, 9:].numpy()
+  out = smp.generate(model, prompt, jax.random.key(0), 32, smp.SamplingParams(temperature=0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
