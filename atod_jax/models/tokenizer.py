@@ -1,0 +1,125 @@
+"""Tokenizer from a local HF directory (``tokenizers``), with the model's chat template.
+
+The chat template is rendered the way ``transformers`` renders it: a sandboxed Jinja2
+environment with ``trim_blocks`` / ``lstrip_blocks`` and the loop-controls extension, a
+``tojson`` filter that keeps non-ASCII text, and the ``raise_exception`` and
+``strftime_now`` globals; the special tokens of ``tokenizer_config.json`` are template
+variables, and extra keyword arguments (``enable_thinking=False`` for Qwen3, tools, ...)
+are passed through.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any, Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _raise(message: str):
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                    sort_keys=sort_keys)
+
+
+def _token_text(value) -> str | None:
+  if isinstance(value, dict):  # {"content": "<|im_end|>", ...} in older configs
+    return value.get("content")
+  return value
+
+
+class Tokenizer:
+  """Encode / decode text and render chat prompts for a model directory."""
+
+  def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None,
+               chat_template: str | None = None):
+    self._tok = tokenizer
+    self.config = dict(config or {})
+    self.chat_template = chat_template or self.config.get("chat_template")
+    if isinstance(self.chat_template, list):  # named templates: use "default"
+      named = {t["name"]: t["template"] for t in self.chat_template}
+      self.chat_template = named.get("default", next(iter(named.values())))
+    self._compiled = None
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+    path = os.fspath(path)
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"no tokenizer.json in {path!r}")
+    config = {}
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_file):
+      with open(cfg_file) as f:
+        config = json.load(f)
+    template = None
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+      with open(jinja_file) as f:
+        template = f.read()
+    return cls(_HFTokenizer.from_file(file), config, template)
+
+  # ------------------------------------------------------------------ tokens
+  def _special(self, name: str) -> str | None:
+    return _token_text(self.config.get(name))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  @property
+  def eos_token_id(self) -> int | None:
+    eos = self._special("eos_token")
+    return None if eos is None else self._tok.token_to_id(eos)
+
+  @property
+  def pad_token_id(self) -> int | None:
+    pad = self._special("pad_token")
+    return None if pad is None else self._tok.token_to_id(pad)
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+  # ------------------------------------------------------------------ chat
+  def apply_chat_template(
+      self,
+      messages: Sequence[dict[str, Any]],
+      *,
+      add_generation_prompt: bool = False,
+      tokenize: bool = False,
+      tools: Sequence[dict[str, Any]] | None = None,
+      **kwargs,
+  ) -> str | list[int]:
+    """Renders ``messages`` (``[{"role": ..., "content": ...}, ...]``) with the chat
+    template; returns the text, or token ids with ``tokenize=True``."""
+    if not self.chat_template:
+      raise ValueError("this tokenizer has no chat_template (tokenizer_config.json or "
+                       "chat_template.jinja)")
+    if self._compiled is None:
+      env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                          extensions=[jinja2.ext.loopcontrols])
+      env.filters["tojson"] = _tojson
+      env.globals["raise_exception"] = _raise
+      env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+      self._compiled = env.from_string(self.chat_template)
+    specials = {name: self._special(name) for name in
+                ("bos_token", "eos_token", "unk_token", "pad_token")}
+    text = self._compiled.render(messages=list(messages), tools=tools,
+                                 add_generation_prompt=add_generation_prompt,
+                                 **{**specials, **kwargs})
+    return self.encode(text) if tokenize else text
