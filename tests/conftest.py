@@ -11,3 +11,6 @@ jax.config.update(
     "jax_compilation_cache_dir",
     os.environ.get("ATOD_JAX_TEST_CACHE", os.path.expanduser("~/.cache/atod_jax/jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Parity tests compare f32 math with numpy / PyTorch at 1e-4..1e-6: on GPUs the default
+# f32 matmul precision is TF32, which is a speed setting, not what is being tested.
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -336,6 +336,8 @@ def test_vocab_divergence_chunking_bounds_memory():
 
   for grad in (False, True):
     full, chunked = temp_bytes(None, grad), temp_bytes(32, grad)
+    if full == 0:
+      pytest.skip(f"{jax.default_backend()} reports no temporary-memory figures")
     assert full > 1.5 * logits_bytes, grad  # several [B, L, V] f32 intermediates at once
     assert chunked < 0.3 * logits_bytes, grad  # O(B * chunk * V): a few buffers of 32/512
 

@@ -117,7 +117,8 @@ def minmax_normalize(x: jax.Array, present: jax.Array, tol: float = MINMAX_TOL) 
   span = jnp.where(any_present, hi - lo, 0.0)
   flat = span < tol
   out = jnp.where(flat, 0.5, (x - lo) / jnp.where(flat, 1.0, span))
-  return jnp.where(present, out, 0.0)
+  # clip: approximate division (GPUs) can land a hair outside [0, 1]
+  return jnp.where(present, jnp.clip(out, 0.0, 1.0), 0.0)
 
 
 def _combine(d_norm, h_norm, mode):

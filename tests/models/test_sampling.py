@@ -136,6 +136,8 @@ def test_chunked_logprobs_equal_naive_and_memory_bounded():
       return jax.jit(jax.grad(loss)).lower(state, tok).compile().memory_analysis().temp_size_in_bytes
 
     rows.append((v, b * t * v * 4, temp(None), temp(chunk)))
+    if rows[-1][2] == 0:
+      pytest.skip(f"{jax.default_backend()} reports no temporary-memory figures")
   print("\nvocab | [B,T,V] f32 logits MB | naive temp MB | chunked temp MB")
   for v, lb, naive_b, chunk_b in rows:
     print(f"{v:6d} | {lb / 2**20:.0f} | {naive_b / 2**20:.0f} | {chunk_b / 2**20:.0f}")
