@@ -195,6 +195,8 @@ def main():
   ap.add_argument("--prompt", type=int, default=64)
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--turn-batch", type=int, default=16,
+                  help="batch of the 20-turn episode (the re-prefill baseline is costly)")
   ap.add_argument("--no-torch", action="store_true")
   args = ap.parse_args()
   cfg = W.replace(dtype=args.dtype)
@@ -223,9 +225,9 @@ def main():
         f"{args.prompt + args.new}: {sec * 1e3:.0f} ms, {tps:.0f} tokens/s, {gf:.1f} GFLOP/s "
         f"({gf / ceiling:.0%} of ceiling)")
 
-  cont, pre = bench_turns(model, cfg, args.batch)
-  print(f"\n20-turn episode, batch {args.batch}: each turn appends 32 observation tokens and "
-        "samples 16 (ms per turn):\n")
+  cont, pre = bench_turns(model, cfg, args.turn_batch)
+  print(f"\n20-turn episode, batch {args.turn_batch}: each turn appends 32 observation tokens "
+        "and samples 16 (ms per turn):\n")
   print("| turn | KV-cache continuation | re-prefill history |")
   print("|---:|---:|---:|")
   for i in (0, 1, 4, 9, 14, 19):

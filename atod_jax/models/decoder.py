@@ -87,6 +87,50 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+QUERY_BLOCK = 512  # most queries per attention block
+SCORE_BYTES = 2**28  # and fewer when [B, N, block, S] f32 scores would exceed this
+
+
+def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
+  """Causal grouped-query attention over slots, in blocks of queries.
+
+  Args:
+    q: ``[B, T, K, G, D]`` queries (G query heads per KV head); query ``t`` sits at
+      slot ``first_slot + t``.
+    keys, values: ``[B, S, K, D]``.
+    key_valid: ``[B, S]`` bool, slots that may be attended to.
+    first_slot: int (may be traced).
+
+  Returns ``[B, T, K, G, D]``. Past ``QUERY_BLOCK`` queries the work runs block by
+  block (rematerialised in the backward pass), so memory is ``O(B N block S)`` instead
+  of ``O(B N T S)`` for long prefills and training sequences; the block shrinks (by
+  powers of two, down to 16) to keep the f32 scores of one block under ``SCORE_BYTES``.
+  """
+  b, t, kh, g, d = q.shape
+  slots = keys.shape[1]
+  scale = d ** -0.5
+  q_block = QUERY_BLOCK
+  while q_block > 16 and b * kh * g * q_block * slots * 4 > SCORE_BYTES:
+    q_block //= 2
+
+  def block(qb, start):  # qb [B, C, K, G, D], queries at slots first_slot + start + c
+    scores = jnp.einsum("bckgd,bskd->bkgcs", qb, keys).astype(jnp.float32) * scale
+    q_slot = first_slot + start + jnp.arange(qb.shape[1])
+    allowed = key_valid[:, None, :] & (jnp.arange(slots)[None, :] <= q_slot[:, None])[None]
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(qb.dtype)
+    return jnp.einsum("bkgcs,bskd->bckgd", probs, values)
+
+  if t <= q_block:
+    return block(q, 0)
+  n_blocks = -(-t // q_block)
+  q = jnp.pad(q, ((0, 0), (0, n_blocks * q_block - t), (0, 0), (0, 0), (0, 0)))
+  q = jnp.moveaxis(q.reshape(b, n_blocks, q_block, kh, g, d), 1, 0)
+  starts = jnp.arange(n_blocks) * q_block
+  out = jax.lax.map(lambda args: jax.checkpoint(block)(*args), (q, starts))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * q_block, kh, g, d)[:, :t]
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs, axes=("norm",)):
     self.scale = _param(rngs, (dim,), axes, cfg.params_dtype, init="ones")
@@ -130,22 +174,16 @@ class Attention(nnx.Module):
 
     t = x.shape[1]
     if cache_kv is None:  # attend within this call: causal over T, padding masked
-      keys, values = k, v
-      allowed = valid[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]  # [B, T, S=T]
+      keys, values, key_valid, first_slot = k, v, valid, 0
     else:
-      cache_k, cache_v, slot_valid = cache_kv
+      cache_k, cache_v, key_valid = cache_kv
       keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
       values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
-      slots = keys.shape[1]
-      causal = jnp.arange(slots)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-      allowed = slot_valid[:, None, :] & causal[None]
+      first_slot = index
     b, n, kh = x.shape[0], cfg.num_heads, cfg.num_kv_heads
     qg = q.reshape(b, t, kh, n // kh, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dt)).astype(jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dt)).reshape(b, t, n, cfg.head_dim)
+    out = attend(qg, keys.astype(dt), values.astype(dt), key_valid, first_slot)
+    out = out.reshape(b, t, n, cfg.head_dim)
     out = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
     return out, (None if cache_kv is None else (keys, values))
 

@@ -66,3 +66,21 @@ def test_sharded_load_reads_only_device_slices(tmp_path, monkeypatch):
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, (8, 12)))
   np.testing.assert_allclose(nnx.jit(lambda m, t: m(t)[0])(loaded, tokens), model(tokens)[0],
                              atol=1e-5)
+
+
+def test_query_blocked_attention_matches_single_block(monkeypatch):
+  from atod_jax.models import decoder as dec
+
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 45)))
+  valid = jnp.asarray(np.random.default_rng(4).random((2, 45)) > 0.2)
+
+  def run():
+    model = DecoderLM(CFG, nnx.Rngs(0))
+    loss = lambda m: jnp.mean(smp.token_logprobs(m, tokens, valid, chunk_size=None))  # noqa: E731
+    return model(tokens, valid=valid)[0], nnx.grad(loss)(model)
+
+  want_logits, want_grads = run()
+  monkeypatch.setattr(dec, "QUERY_BLOCK", 8)  # 45 queries -> 6 blocks, the last partial
+  got_logits, got_grads = run()
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
