@@ -84,3 +84,10 @@ class HouseholdTextEnv:
 
   def close(self) -> None:
     self._state = None
+
+
+def make_household_env(params: hh.HouseholdParams, seed: int, worker_index: int = 0):
+  """A picklable factory for :class:`~atod_jax.envs.pool.EnvPool`: every worker gets the
+  same task generator (tasks are fixed by split and task id, not by worker)."""
+  del worker_index
+  return HouseholdTextEnv(params, seed)

@@ -1,0 +1,109 @@
+"""Environment steps per second: the on-device household family (vmapped, jitted) at
+several batch sizes, and the same tasks through the host text protocol.
+
+    python experiments/bench_envs.py
+    python experiments/bench_envs.py --preset hard --batches 1024 16384 131072
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atod_jax.envs import household as hh
+from atod_jax.envs.household_text import HouseholdTextEnv, task_key
+
+TURNS = 32
+
+
+def _best(fn, repeats=3):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def device_rates(params, batch):
+  keys = jax.vmap(lambda i: task_key(0, i))(jnp.arange(batch))
+  states = jax.jit(jax.vmap(lambda k: hh.reset(params, k, "train")))(keys)
+  # a table of well-formed commands naming things in each room (many will not apply)
+  rng = np.random.default_rng(0)
+  verb = jnp.asarray(rng.integers(0, len(hh.VERBS), (TURNS, batch)))
+  obj = jnp.asarray(rng.integers(0, params.num_objects, (TURNS, batch)))
+  rec = jnp.asarray(rng.integers(0, params.num_receptacles, (TURNS, batch)))
+  actions = jax.jit(jax.vmap(jax.vmap(hh.action_tokens), in_axes=(None, 0, 0, 0)))(
+      states, verb, obj, rec)
+  step = jax.vmap(functools.partial(hh.step, params))
+  observe = jax.vmap(functools.partial(hh.observe, params))
+
+  @jax.jit
+  def run_step(st, acts):
+    return jax.lax.scan(lambda s, a: (step(s, a)[0], None), st, acts)[0].turn
+
+  @jax.jit
+  def run_step_observe(st, acts):
+    def body(s, a):
+      s, out = step(s, a)
+      return s, observe(s, out.event)[:, 0]
+    return jax.lax.scan(body, st, acts)[1]
+
+  @jax.jit
+  def run_expert(st):
+    def body(s, _):
+      s, out = step(s, jax.vmap(hh.expert_action)(s))
+      return s, out.reward
+    return jax.lax.scan(body, st, None, length=TURNS)[1]
+
+  n = TURNS * batch
+  return {
+      "step": n / _best(lambda: run_step(states, actions)),
+      "step + observe (tokens)": n / _best(lambda: run_step_observe(states, actions)),
+      "expert policy + step": n / _best(lambda: run_expert(states)),
+  }
+
+
+def host_rate(params, batch, admissible):
+  env = HouseholdTextEnv(params, seed=0, with_admissible=admissible)
+  out = env.reset("train", list(range(batch)))
+  env.step(out.expert)  # compile
+  steps, t0 = 0, time.perf_counter()
+  out = env.reset("train", list(range(batch)))
+  while not out.dones.all() and steps < 30:
+    out = env.step([e or "look" for e in out.expert])
+    steps += 1
+  return steps * batch / (time.perf_counter() - t0)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--preset", default="medium", choices=("easy", "medium", "hard"))
+  ap.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 65536])
+  args = ap.parse_args()
+  params = hh.HouseholdParams.preset(args.preset)
+  dev = jax.devices()[0]
+  print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}; preset "
+        f"{args.preset} ({params.num_receptacles} receptacles, {params.num_objects} objects); "
+        f"{TURNS} steps per timed call\n")
+  print("| batch | step (steps/s) | step + observe | expert + step |")
+  print("|---:|---:|---:|---:|")
+  for b in args.batches:
+    r = device_rates(params, b)
+    print(f"| {b} | {r['step']:.3g} | {r['step + observe (tokens)']:.3g} | "
+          f"{r['expert policy + step']:.3g} |")
+  print("\nHost text protocol (HouseholdTextEnv, expert commands, text in / text out):\n")
+  print("| batch | admissible list | steps/s |")
+  print("|---:|---|---:|")
+  for b in (1, 16, 64):
+    for adm in (False, True):
+      print(f"| {b} | {'yes' if adm else 'no'} | {host_rate(params, b, adm):.0f} |")
+
+
+if __name__ == "__main__":
+  main()
