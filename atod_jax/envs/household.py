@@ -255,14 +255,19 @@ def parse_action(state: State, tokens: jax.Array) -> jax.Array:
   return jnp.where(ok, jnp.stack([verb, obj, rec]), jnp.array([-1, -1, -1])).astype(jnp.int32)
 
 
-def goal_satisfied(state: State) -> jax.Array:
+def _done_objects(state: State) -> jax.Array:
+  """``[O_MAX]`` bool: objects that already count towards the goal (right type, right
+  state, in a receptacle of the goal type)."""
   task, otype, rtype = state.goal[0], state.goal[1], state.goal[2]
   placed_rec = jnp.where(state.obj_loc >= 0, state.rec_type[jnp.maximum(state.obj_loc, 0)], -1)
   cond = jnp.select([task == 1, task == 2, task == 3],
                     [state.obj_clean, state.obj_hot, state.obj_cool], jnp.ones_like(state.obj_clean))
-  good = (state.obj_type == otype) & (placed_rec == rtype) & cond
-  need = jnp.where(task == TASK_TYPES.index("pick2"), 2, 1)
-  return jnp.sum(good) >= need
+  return (state.obj_type == otype) & (placed_rec == rtype) & cond
+
+
+def goal_satisfied(state: State) -> jax.Array:
+  need = jnp.where(state.goal[0] == TASK_TYPES.index("pick2"), 2, 1)
+  return jnp.sum(_done_objects(state)) >= need
 
 
 def step(params: HouseholdParams, state: State, action: jax.Array) -> tuple[State, StepOut]:
@@ -370,11 +375,7 @@ def admissible(params: HouseholdParams, state: State) -> tuple[jax.Array, jax.Ar
 def expert_action(state: State) -> jax.Array:
   """A privileged planner: the next command of a shortest plan to the goal."""
   task, otype, rtype = state.goal[0], state.goal[1], state.goal[2]
-  placed_rec = jnp.where(state.obj_loc >= 0, state.rec_type[jnp.maximum(state.obj_loc, 0)], -1)
-  cond = jnp.select([task == 1, task == 2, task == 3],
-                    [state.obj_clean, state.obj_hot, state.obj_cool], jnp.ones_like(state.obj_clean))
-  good = (state.obj_type == otype) & (placed_rec == rtype) & cond
-  cand = (state.obj_type == otype) & ~good & (state.obj_loc >= 0)
+  cand = (state.obj_type == otype) & ~_done_objects(state) & (state.obj_loc >= 0)
   target_obj = jnp.argmax(cand).astype(jnp.int32)
   here = state.agent_loc
   h = jnp.maximum(state.holding, 0)
