@@ -1,5 +1,4 @@
 """Every objective gives the same values with the batch sharded over 8 CPU devices."""
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,6 @@ to each action), the expert's actions, per-step rewards, whether it was won.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Iterable, Iterator, Sequence
 

@@ -170,6 +170,7 @@ class EnvPool:
     results = self._broadcast(calls)
     self._alive = np.ones(n, bool)
     self._done = np.zeros(n, bool)
+    self._last = None  # nothing carries over from the previous episodes
     return self._merge(results, n, [{"task_id": t, "split": split} for t in task_ids])
 
   def step(self, actions: Sequence[str | None]) -> Batch:
