@@ -131,6 +131,53 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
   return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * q_block, kh, g, d)[:, :t]
 
 
+KEY_BLOCK = 128  # cache slots per step of the decode-time attention loop
+
+
+def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
+  """Attention of new tokens to a KV cache that reads only the live part of the cache.
+
+  Same arguments and result as :func:`attend`. The slots are visited in blocks of
+  ``KEY_BLOCK`` with an online softmax, up to the block holding the last query, so a
+  decode step costs in proportion to the context so far, not to the cache size (a
+  cache sized for 50 turns costs nothing extra on turn 1). Not differentiable in
+  reverse mode (a dynamic trip count): training uses :func:`attend`.
+  """
+  b, t, kh, g, d = q.shape
+  slots = keys.shape[1]
+  kb = min(KEY_BLOCK, slots)
+  while slots % kb and kb > 16:  # the largest power-of-two block that tiles the cache
+    kb //= 2
+  if slots % kb:
+    return attend(q, keys, values, key_valid, first_slot)
+  scale = d ** -0.5
+  q_slot = first_slot + jnp.arange(t)
+  qf = q.astype(jnp.float32) * scale
+
+  def body(i, carry):
+    m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, D] (f32)
+    start = i * kb
+    kblk = jax.lax.dynamic_slice_in_dim(keys, start, kb, 1).astype(jnp.float32)
+    vblk = jax.lax.dynamic_slice_in_dim(values, start, kb, 1).astype(jnp.float32)
+    valid = jax.lax.dynamic_slice_in_dim(key_valid, start, kb, 1)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, kblk)
+    allowed = valid[:, None, :] & ((start + jnp.arange(kb))[None, :] <= q_slot[:, None])[None]
+    s = jnp.where(allowed[:, None, None], s, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    l = l * corr + jnp.sum(p, axis=-1)
+    acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vblk)
+    return m_new, l, acc
+
+  live_blocks = (first_slot + t + kb - 1) // kb
+  init = (jnp.full((b, kh, g, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+          jnp.zeros((b, kh, g, t, d), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, live_blocks, body, init)
+  out = acc / l[..., None]
+  return jnp.moveaxis(out, 3, 1).astype(q.dtype)  # [B, T, K, G, D]
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs, axes=("norm",)):
     self.scale = _param(rngs, (dim,), axes, cfg.params_dtype, init="ones")
@@ -182,7 +229,8 @@ class Attention(nnx.Module):
       first_slot = index
     b, n, kh = x.shape[0], cfg.num_heads, cfg.num_kv_heads
     qg = q.reshape(b, t, kh, n // kh, cfg.head_dim)
-    out = attend(qg, keys.astype(dt), values.astype(dt), key_valid, first_slot)
+    attention = attend if cache_kv is None else attend_cache
+    out = attention(qg, keys.astype(dt), values.astype(dt), key_valid, first_slot)
     out = out.reshape(b, t, n, cfg.head_dim)
     out = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
     return out, (None if cache_kv is None else (keys, values))

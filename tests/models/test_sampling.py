@@ -32,9 +32,13 @@ def test_cache_decode_equals_full_forward(model):
     np.testing.assert_allclose(out.logprobs[b], want, atol=1e-5)
 
 
-def test_continuation_with_ragged_rows_equals_full_forward(model):
+@pytest.mark.parametrize("key_block", [128, 8])  # 8: the live-cache loop runs many blocks
+def test_continuation_with_ragged_rows_equals_full_forward(model, key_block, monkeypatch):
   """Left-padded prompts of different lengths, early stops, appended observations of
   different lengths: every log-prob equals that of one forward over the real tokens."""
+  from atod_jax.models import decoder as dec
+  monkeypatch.setattr(dec, "KEY_BLOCK", key_block)
+  jax.clear_caches()  # KEY_BLOCK is read at trace time
   rng = np.random.default_rng(1)
   lens, obs_lens = [5, 2, 7], [3, 6, 1]
   prompt = np.zeros((3, 7), np.int32)
