@@ -53,8 +53,9 @@ class KVCache(NamedTuple):
   def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
     dtype = cfg.compute_dtype if dtype is None else dtype
     shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    def per_layer():
+      return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(keys=per_layer(), values=per_layer(),
                valid=jnp.zeros((batch, slots), bool), index=jnp.int32(0),
                next_position=jnp.zeros((batch,), jnp.int32))
 

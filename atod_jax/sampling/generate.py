@@ -153,6 +153,13 @@ def init_cache(model: DecoderLM, batch: int, slots: int, dtype=None) -> KVCache:
   return KVCache.init(model.cfg, batch, slots, dtype)
 
 
+def _check_room(cache: KVCache, n: int) -> None:
+  """Clear error instead of a silently clamped cache write (one host read per call)."""
+  used = int(cache.index)
+  if used + n > cache.slots:
+    raise ValueError(f"KV cache full: {used} of {cache.slots} slots used, {n} more needed")
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _append(graphdef, state, cache, tokens, valid):
   model = nnx.merge(graphdef, state)
@@ -170,9 +177,7 @@ def append(model: DecoderLM, cache: KVCache, tokens: jax.Array, valid: jax.Array
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
-  if int(cache.index) + tokens.shape[1] > cache.slots:
-    raise ValueError(f"KV cache full: {int(cache.index)} of {cache.slots} slots used, "
-                     f"{tokens.shape[1]} more asked for")
+  _check_room(cache, tokens.shape[1])
   graphdef, state = nnx.split(model)
   return _append(graphdef, state, cache, tokens, valid)
 
@@ -239,9 +244,7 @@ def decode(
   ``max_new`` tokens; the loop ends when all rows are done.
   """
   b = logits.shape[0]
-  if int(cache.index) + max_new_tokens > cache.slots:
-    raise ValueError(f"KV cache too small: {int(cache.index)} used + {max_new_tokens} new > "
-                     f"{cache.slots} slots")
+  _check_room(cache, max_new_tokens)
   stop_tokens = (jnp.full((b, 1), -1, jnp.int32) if stop_tokens is None
                  else jnp.asarray(stop_tokens, jnp.int32).reshape(b, -1))
   max_new = (jnp.full((b,), max_new_tokens, jnp.int32) if max_new is None

@@ -152,3 +152,12 @@ def test_chunked_logprobs_equal_naive_and_memory_bounded():
   d_chunked = rows[-1][3] - rows[0][3]
   assert d_naive > d_logits  # the naive path grows by at least the logits
   assert d_chunked < 0.25 * d_logits
+
+
+def test_full_cache_is_a_clear_error(model):
+  cache = smp.init_cache(model, 1, 8)
+  logits, cache = smp.append(model, cache, np.ones((1, 6), np.int32))
+  with pytest.raises(ValueError, match="KV cache full: 6 of 8 slots used, 3 more needed"):
+    smp.append(model, cache, np.ones((1, 3), np.int32))
+  with pytest.raises(ValueError, match="KV cache full"):
+    smp.decode(model, cache, logits, jax.random.key(0), 4)
