@@ -4,8 +4,8 @@ from atod_jax.models.decoder import DecoderLM, KVCache
 from atod_jax.models.hf import load_pretrained, save_pretrained
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.models.sharding import (
-    DEFAULT_RULES, batch_sharding, make_mesh, shard_model, state_shardings)
+    DEFAULT_RULES, batch_sharding, make_mesh, shard_batch, shard_model, state_shardings)
 
 __all__ = ["DEFAULT_RULES", "SUPPORTED_MODEL_TYPES", "DecoderLM", "KVCache", "ModelConfig",
            "Tokenizer", "batch_sharding", "load_pretrained", "make_mesh", "save_pretrained",
-           "shard_model", "state_shardings"]
+           "shard_batch", "shard_model", "state_shardings"]

@@ -72,3 +72,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` array: batch over the data axes."""
   return NamedSharding(mesh, P(logical_to_mesh_axes(("batch",), rules)[0], *([None] * (ndim - 1))))
+
+
+def shard_batch(tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """Places every ``[batch, ...]`` array of a pytree with its batch axis over the data
+  axes (a batch the data axes do not divide stays replicated)."""
+  def put(x):
+    size = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    spec = batch_sharding(mesh, x.ndim, rules) if x.shape[0] % size == 0 else \
+        NamedSharding(mesh, P())
+    return jax.device_put(x, spec)
+  return jax.tree.map(put, tree)

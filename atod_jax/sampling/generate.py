@@ -160,12 +160,16 @@ def _check_room(cache: KVCache, n: int) -> None:
     raise ValueError(f"KV cache full: {used} of {cache.slots} slots used, {n} more needed")
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _append(graphdef, state, cache, tokens, valid):
-  model = nnx.merge(graphdef, state)
+def append_tokens(model: DecoderLM, cache: KVCache, tokens, valid):
+  """The traceable body of :func:`append` (no host checks), for jitted callers."""
   hidden, cache = model.hidden_states(tokens, valid=valid, cache=cache)
   last = hidden[:, -1]  # only the next-token logits are needed: skip T-1 vocab projections
   return (last @ model.unembed_matrix(last.dtype)).astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _append(graphdef, state, cache, tokens, valid):
+  return append_tokens(nnx.merge(graphdef, state), cache, tokens, valid)
 
 
 def append(model: DecoderLM, cache: KVCache, tokens: jax.Array, valid: jax.Array | None = None):
@@ -182,10 +186,10 @@ def append(model: DecoderLM, cache: KVCache, tokens: jax.Array, valid: jax.Array
   return _append(graphdef, state, cache, tokens, valid)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
-            max_new, pad_id):
-  model = nnx.merge(graphdef, state)
+def decode_loop(model: DecoderLM, cache: KVCache, logits, key, max_new_tokens: int,
+                params: SamplingParams, stop_tokens, max_new, pad_id) -> SampleOutput:
+  """The traceable body of :func:`decode` (no host checks): for use inside a jitted
+  caller such as the on-device rollout. Same arguments, all already arrays."""
   b = logits.shape[0]
   out_tok = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   out_logp = jnp.zeros((b, max_new_tokens), jnp.float32)
@@ -213,6 +217,13 @@ def _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_to
   _, cache, logits, _, out_tok, out_logp, out_valid = jax.lax.while_loop(cond, body, carry)
   return SampleOutput(out_tok, out_logp, out_valid, jnp.sum(out_valid, 1, dtype=jnp.int32),
                       cache, logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
+def _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
+            max_new, pad_id):
+  return decode_loop(nnx.merge(graphdef, state), cache, logits, key, max_new_tokens, params,
+                     stop_tokens, max_new, pad_id)
 
 
 def decode(

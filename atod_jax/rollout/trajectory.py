@@ -1,0 +1,74 @@
+"""The Trajectory batch: the one contract between producing data and learning from it.
+
+Axes: ``B`` trajectories, ``L`` token slots of the layout. A row is the whole multi-turn
+episode as one token sequence (prompt, then per turn the agent's response and the
+environment's answer), with ``valid`` marking real tokens: padding may sit anywhere
+(holes between turns), and RoPE positions are the running count of valid tokens, so a
+full forward over the row sees exactly the context the sampler saw.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Trajectory(NamedTuple):
+  tokens: jax.Array  # [B, L] int32
+  valid: jax.Array  # [B, L] bool: a real token (prompt, response or observation)
+  gen_mask: jax.Array  # [B, L] bool: a token the policy generated (the trained tokens)
+  turn_ids: jax.Array  # [B, L] int32: turn of a generated token, -1 elsewhere
+  behaviour_logp: jax.Array  # [B, L] float32: log-prob of each generated token when
+  # it was sampled (0 elsewhere; 0 for expert demonstrations)
+  rewards: jax.Array  # [B] float32: episode return
+  won: jax.Array  # [B] bool: the task was completed
+  num_turns: jax.Array  # [B] int32: turns taken
+  invalid: jax.Array  # [B] int32: turns whose action was malformed or did nothing
+  group_ids: jax.Array  # [B] int32: rows of the same task share a group
+  row_valid: jax.Array  # [B] bool: False for an episode lost to an environment failure
+
+  @property
+  def num_tokens(self) -> jax.Array:
+    """Generated tokens in the batch (the tokens a step trains on)."""
+    return jnp.sum(self.gen_mask)
+
+
+def summarize(traj: Trajectory) -> dict[str, jax.Array]:
+  """Scalar rollout metrics (means over valid rows)."""
+  w = traj.row_valid.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = lambda x: jnp.sum(x.astype(jnp.float32) * w) / n  # noqa: E731
+  return {
+      "success": mean(traj.won),
+      "reward": mean(traj.rewards),
+      "turns": mean(traj.num_turns),
+      "invalid_rate": jnp.sum(traj.invalid * w) / jnp.maximum(jnp.sum(traj.num_turns * w), 1),
+      "response_tokens": jnp.sum(traj.gen_mask * w[:, None]) / n,
+  }
+
+
+@jax.jit
+def pack(traj: Trajectory) -> Trajectory:
+  """Moves each row's real tokens to the front, in order (padding to the back).
+
+  Nothing a model computes changes (positions are the running count of valid tokens and
+  attention follows slot order), but the rows can then be cut to their longest real
+  length (:func:`trim`): the layout's holes cost nothing in training and scoring.
+  """
+  order = jnp.argsort(~traj.valid, axis=1, stable=True)
+  take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+  return traj._replace(tokens=take(traj.tokens), valid=take(traj.valid),
+                       gen_mask=take(traj.gen_mask), turn_ids=take(traj.turn_ids),
+                       behaviour_logp=take(traj.behaviour_logp))
+
+
+def trim(traj: Trajectory, multiple: int = 64) -> Trajectory:
+  """A packed batch cut to its longest row, rounded up to ``multiple`` (a few compiled
+  shapes). Reads one number from the device."""
+  longest = int(jnp.max(jnp.sum(traj.valid, axis=1)))
+  length = min(traj.tokens.shape[1], max(multiple, -(-longest // multiple) * multiple))
+  cut = lambda x: x[:, :length]  # noqa: E731
+  return traj._replace(tokens=cut(traj.tokens), valid=cut(traj.valid),
+                       gen_mask=cut(traj.gen_mask), turn_ids=cut(traj.turn_ids),
+                       behaviour_logp=cut(traj.behaviour_logp))

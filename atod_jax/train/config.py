@@ -1,0 +1,119 @@
+"""Start-up validation of a trainer config and what the methods mean.
+
+A config is a plain ``ml_collections.ConfigDict`` (see ``configs/quickstart.py`` for every
+field). :func:`validate` checks it before anything is built and raises
+:class:`ConfigError` with one line naming the field and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from atod_jax.envs.household import HouseholdParams
+from atod_jax.models.config import ModelConfig
+from atod_jax.objectives import ESTIMATORS, MODES, SHAPES, AGGREGATIONS
+from atod_jax.objectives.schedules import annealing_schedules
+
+# method -> (kappa/rho schedule override, T-DUR mode override); None: take the config's
+METHODS = ("atod", "opd", "grpo", "sft", "atod_fixed", "atod_uniform")
+STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
+TEACHER_SOURCES = ("build", "hf", "checkpoint")
+ENV_KINDS = ("household",)
+PRESETS = ("easy", "medium", "hard")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the field."""
+
+
+def _need(ok: bool, field: str, message: str):
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def _choice(config, field: str, allowed):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  _need(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(config, field: str, *, zero_ok: bool = False):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  ok = isinstance(value, (int, float)) and (value >= 0 if zero_ok else value > 0)
+  _need(ok, field, f"must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def model_config(fields) -> ModelConfig:
+  return ModelConfig(**dict(fields))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` (one line) for the first bad field."""
+  for section in ("env", "student", "teacher", "rollout", "objective", "optim", "train",
+                  "eval", "mesh"):
+    _need(section in config, section, "missing section")
+  _choice(config, "method", METHODS)
+  _choice(config, "env.kind", ENV_KINDS)
+  _choice(config, "env.preset", PRESETS)
+  _positive(config, "env.obs_len")
+  _positive(config, "train.steps", zero_ok=True)
+  for f in ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "rollout.tasks_per_step", "rollout.group_size", "optim.learning_rate",
+            "optim.minibatches", "optim.epochs", "eval.episodes"):
+    _positive(config, f)
+  _positive(config, "rollout.temperature")
+  _positive(config, "eval.temperature", zero_ok=True)
+  _positive(config, "optim.max_grad_norm", zero_ok=True)
+  _positive(config, "optim.weight_decay", zero_ok=True)
+  _positive(config, "optim.warmup_steps", zero_ok=True)
+  _choice(config, "objective.estimator", ESTIMATORS)
+  _choice(config, "objective.tdur_mode", MODES)
+  _choice(config, "objective.schedule", SHAPES)
+  _choice(config, "objective.aggregation", AGGREGATIONS)
+  _positive(config, "objective.anneal_steps", zero_ok=True)
+  _positive(config, "objective.clip_eps")
+  rows = config.rollout.tasks_per_step * config.rollout.group_size
+  _need(rows % config.optim.minibatches == 0, "optim.minibatches",
+        f"must divide the {rows} trajectories of a step (tasks_per_step x group_size)")
+  if config.method in ("grpo", "atod", "atod_fixed", "atod_uniform"):
+    _need(config.rollout.group_size >= 2, "rollout.group_size",
+          f"must be >= 2 for method {config.method!r} (group advantages need a group), "
+          f"got {config.rollout.group_size}")
+  _choice(config, "student.init", STUDENT_INITS)
+  _choice(config, "teacher.source", TEACHER_SOURCES)
+  for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
+    if kind in ("hf", "checkpoint"):
+      path = config[who].path
+      _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
+            f"{kind} directory {path!r} does not exist")
+  for who in ("student", "teacher"):
+    try:
+      cfg = model_config(config[who].model)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.{who}.model: {e}") from None
+    _need(cfg.vocab_size >= 89, f"{who}.model.vocab_size",
+          f"the household vocabulary has 89 words; got {cfg.vocab_size}")
+  try:
+    HouseholdParams.preset(config.env.preset)
+  except ValueError as e:
+    raise ConfigError(f"config.env.preset: {e}") from None
+  _need(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 or > 0")
+
+
+def schedules(config):
+  """kappa(s), rho(s) and the T-DUR mode that ``config.method`` trains with."""
+  o = config.objective
+  method = config.method
+  if method == "opd":
+    return annealing_schedules(0, 1.0, 1.0, 0.0, 0.0, "constant"), o.tdur_mode
+  if method == "grpo":
+    return annealing_schedules(0, 0.0, 0.0, 1.0, 1.0, "constant"), o.tdur_mode
+  if method == "atod_fixed":
+    return annealing_schedules(0, 1.0, 1.0, 1.0, 1.0, "constant"), o.tdur_mode
+  sched = annealing_schedules(o.anneal_steps, o.kappa_init, o.kappa_min, o.rho_init, o.rho_max,
+                              o.schedule)
+  return sched, ("uniform" if method == "atod_uniform" else o.tdur_mode)

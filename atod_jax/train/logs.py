@@ -1,0 +1,119 @@
+"""Where a run's numbers go: a JSONL log, TensorBoard event files, a PNG and a table.
+
+``metrics.jsonl`` holds one record per line, ``{"step": s, "kind": "train"|"eval", ...}``.
+It is the run's memory: on resume the lines after the restored step are dropped and the
+rest is replayed into the plot and the table, so a resumed run's files equal those of an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsLog:
+  def __init__(self, workdir: str, resume_step: int | None):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.records: list[dict] = []
+    if resume_step is not None and os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            break  # a line cut by a crash: everything before it is good
+          if rec["step"] <= resume_step if rec["kind"] == "eval" else rec["step"] < resume_step:
+            self.records.append(rec)
+    with open(self.path, "w") as f:
+      for rec in self.records:
+        f.write(json.dumps(rec) + "\n")
+    self._file = open(self.path, "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step if resume_step else None)
+
+  def write(self, kind: str, step: int, metrics: dict):
+    rec = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
+    self.records.append(rec)
+    self._file.write(json.dumps(rec) + "\n")
+    self._file.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
+
+  def flush(self):
+    self._file.flush()
+    self._tb.flush()
+
+  def close(self):
+    self._file.close()
+    self._tb.close()
+
+  def series(self, kind: str, key: str):
+    pts = [(r["step"], r[key]) for r in self.records if r["kind"] == kind and key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot(log: MetricsLog, teacher: dict, path: str, title: str):
+  """Learning curves: held-out success (student vs teacher), training success, the
+  kappa / rho schedule, and mean turns."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  ax = axes[0]
+  for key, style in (("eval/success", "-o"), ("greedy/success", "--s")):
+    x, y = log.series("eval", key)
+    if x:
+      ax.plot(x, y, style, label=f"student {key.split('/')[0]}")
+    if key in teacher:
+      ax.axhline(teacher[key], color="gray", ls="-" if key.startswith("eval") else "--",
+                 label=f"teacher {key.split('/')[0]}")
+  x, y = log.series("train", "success")
+  ax.plot(x, y, alpha=0.4, label="student train rollouts")
+  ax.set(xlabel="step", ylabel="success rate", title="success", ylim=(-0.02, 1.02))
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for key in ("kappa", "rho", "turn_weight"):
+    x, y = log.series("train", key)
+    if x:
+      ax.plot(x, y, label=key)
+  ax.set(xlabel="step", title="kappa / rho / mean T-DUR weight")
+  ax.legend(fontsize=7)
+  ax = axes[2]
+  x, y = log.series("train", "turns")
+  ax.plot(x, y, label="train rollouts")
+  x, y = log.series("eval", "eval/turns")
+  ax.plot(x, y, "-o", label="held-out")
+  ax.set(xlabel="step", title="mean turns per episode")
+  ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fmt(v):
+  return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def results_table(log: MetricsLog, teacher: dict) -> str:
+  """Markdown table: student at step 0, at the end and at its best eval, and the teacher."""
+  evals = [r for r in log.records if r["kind"] == "eval"]
+  rows = []
+  cols = ("eval/success", "greedy/success", "eval/turns", "eval/invalid_rate")
+  if evals:
+    rows.append((f"student, step {evals[0]['step']}", evals[0]))
+    rows.append((f"student, step {evals[-1]['step']} (final)", evals[-1]))
+    best = max(evals, key=lambda r: r.get("eval/success", -1))
+    rows.append((f"student, step {best['step']} (best)", best))
+  rows.append(("teacher", teacher))
+  head = "| model | " + " | ".join(cols) + " |"
+  out = [head, "|" + "---|" * (len(cols) + 1)]
+  for name, r in rows:
+    out.append(f"| {name} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+  return "\n".join(out)

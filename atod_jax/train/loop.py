@@ -1,0 +1,248 @@
+"""The outer training loop: ``train(config, workdir)``.
+
+Per step ``s``: draw tasks, roll out ``group_size`` episodes per task with the student,
+score the generated tokens with the frozen teacher, compute the ATOD advantages with
+kappa(s) / rho(s), apply the clipped-surrogate update; evaluate and checkpoint on their
+schedules. Every random draw comes from ``(seed, purpose, step)``, and the state
+(parameters, optimizer, step) is checkpointed with orbax, so a run that is killed and
+started again with the same command continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from atod_jax.envs.household import HouseholdParams
+from atod_jax.models.hf import save_pretrained
+from atod_jax.models.sharding import batch_sharding, make_mesh, shard_batch, state_shardings
+from atod_jax.rollout.device import HouseholdRollout
+from atod_jax.rollout.trajectory import pack, summarize, trim
+from atod_jax.sampling.generate import SamplingParams
+from atod_jax.train import agents, logs
+from atod_jax.train.config import model_config, schedules, validate
+from atod_jax.train.steps import (
+    advantages, init_state, jit_policy_update, jit_score, jit_sft_update, make_optimizer)
+from atod_jax.train.teacher import behaviour_clone, get_teacher, teacher_eval
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or the parameters became non-finite."""
+
+
+def _student(config, spec, say):
+  s = config.student
+  if s.init in ("hf", "checkpoint"):
+    graphdef, params, cfg = agents.load_any(s.init, s.path, s.model.to_dict())
+    say(f"student: loaded from {s.path}")
+    return graphdef, params, cfg
+  cfg = model_config(s.model)
+  graphdef, params = agents.fresh_model(cfg, config.seed, 1)
+  if s.init == "sft":
+    params = behaviour_clone(graphdef, params, spec, episodes=s.sft.demo_episodes,
+                             steps=s.sft.steps, batch_size=s.sft.batch_size,
+                             learning_rate=s.sft.learning_rate, seed=config.seed + 10_000,
+                             desc="student warm start")
+  return graphdef, params, cfg
+
+
+def _eval(config, graphdef, params, spec) -> dict:
+  e = config.eval
+  out = {f"eval/{k}": v for k, v in agents.evaluate(
+      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
+      seed=e.seed).items()}
+  if e.greedy:
+    out.update({f"greedy/{k}": v for k, v in agents.evaluate(
+        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+  return out
+
+
+class _Interrupt:
+  """SIGINT / SIGTERM: finish the current step, save, exit."""
+
+  def __init__(self):
+    self.hit = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.hit:  # second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.hit = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
+  """Runs (or resumes) the run in ``workdir``; returns the final summary dict.
+
+  Writes ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``curves.png``,
+  ``results.md``, ``summary.json`` and ``student/`` (and ``student_hf/`` when the student
+  came from an HF directory) into ``workdir``.
+  """
+  validate(config)
+  say = (lambda *a: None) if quiet else functools.partial(print, flush=True)  # noqa: E731
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  m = config.mesh
+  mesh = make_mesh(m.data, m.fsdp, m.tensor)
+  spec = HouseholdRollout(HouseholdParams.preset(config.env.preset), config.env.obs_len)
+  t_graph, t_params, _, t_info = get_teacher(config, spec, workdir, say)
+  teacher_metrics = teacher_eval(config, t_graph, t_params, spec, t_info, workdir)
+  say(f"teacher: held-out success {teacher_metrics['eval/success']:.3f} "
+      f"(T={config.eval.temperature})")
+
+  tx = make_optimizer(config.optim)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
+  latest = manager.latest_step()
+  if latest is None:
+    graphdef, params, _ = _student(config, spec, say)
+    state = init_state(params, tx)
+  else:
+    s_cfg = model_config(config.student.model) if config.student.init not in (
+        "hf", "checkpoint") else None
+    if s_cfg is None:
+      graphdef, params, _ = agents.load_any(config.student.init, config.student.path,
+                                            config.student.model.to_dict())
+    else:
+      graphdef, params = agents.fresh_model(s_cfg, config.seed, 1)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state(params, tx))
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    say(f"resuming from the checkpoint at step {latest} in {ckpt_dir}")
+  # Place the state on the mesh: parameters by the logical-axis rules, the rest alike.
+  p_shard = state_shardings(state.params, mesh)
+  state = state._replace(params=jax.device_put(state.params, p_shard))
+  t_params = jax.device_put(t_params, state_shardings(t_params, mesh))
+  log = logs.MetricsLog(workdir, latest)
+  start_step = int(state.step)
+  if start_step == 0:
+    log.write("eval", 0, _eval(config, graphdef, state.params, spec))
+
+  r, o, opt = config.rollout, config.objective, config.optim
+  sched, tdur_mode = schedules(config)
+  rows = r.tasks_per_step * r.group_size
+  sampling = SamplingParams(temperature=r.temperature)
+  roll = agents.rollout_fn(graphdef, spec, "train", sampling)
+  adv_fn = jax.jit(functools.partial(
+      advantages, sched=sched, tdur_mode=tdur_mode, estimator=o.estimator,
+      num_groups=r.tasks_per_step, max_turns=spec.max_turns))
+  rows_sharding = batch_sharding(mesh, 1)
+  demos = None
+  if config.method == "sft":
+    demos = pack(agents.expert_demos(spec, config.seed + 20_000, 4 * rows))
+  steps = config.train.steps
+  bar = tqdm(total=steps, initial=start_step, desc=config.method, unit="step",
+             dynamic_ncols=True, disable=quiet)
+  interrupted = False
+  last_saved = latest
+
+  def save(step):
+    nonlocal last_saved
+    if last_saved != step:
+      manager.save(step, args=ocp.args.StandardSave(state))
+      last_saved = step
+
+  try:
+    with _Interrupt() as stop:
+      for step in range(start_step, steps):
+        t0 = time.perf_counter()
+        keys, groups = agents.task_keys(config.seed, agents.TASKS, step, r.tasks_per_step,
+                                        r.group_size)
+        keys = jax.device_put(keys, rows_sharding)
+        traj = roll(state.params, keys, agents.draw(config.seed, agents.POLICY, step), groups)
+        metrics = {k: float(v) for k, v in summarize(traj).items()}
+        traj = shard_batch(trim(pack(traj)), mesh)  # the layout's padding dropped: same
+        # math, shorter rows
+        shuffle = agents.draw(config.seed, agents.SHUFFLE, step)
+        if config.method == "sft":
+          idx = jax.random.choice(shuffle, demos.tokens.shape[0], (rows,), replace=False)
+          batch = shard_batch(trim(jax.tree.map(lambda x: x[idx], demos)), mesh)
+          state, upd = jit_sft_update(graphdef, tx, state, batch, shuffle,
+                                      minibatches=opt.minibatches, epochs=opt.epochs)
+        else:
+          t_logp = jit_score(t_graph, t_params, traj, temperature=1.0)
+          adv, adv_metrics = adv_fn(traj, t_logp, state.step)
+          if step == config.debug.nan_at_step:
+            adv = adv * jnp.nan
+          state, upd = jit_policy_update(
+              graphdef, tx, state, traj, adv, shuffle, minibatches=opt.minibatches,
+              epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
+              dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature)
+          metrics.update({k: float(v) for k, v in adv_metrics.items()})
+        metrics.update({k: float(v) for k, v in upd.items()})
+        if not np.isfinite(metrics["loss"]) or not agents.tree_allfinite(state.params):
+          raise TrainingDiverged(
+              f"training diverged at step {step}: loss is {metrics['loss']}; the last good "
+              f"checkpoint (step {last_saved}) in {ckpt_dir} is intact")
+        seconds = time.perf_counter() - t0
+        metrics["tokens_per_s"] = float(traj.num_tokens) / seconds
+        metrics["step_seconds"] = seconds
+        log.write("train", step, metrics)
+        done = step + 1
+        if done % config.train.eval_every == 0 or done == steps:
+          log.write("eval", done, _eval(config, graphdef, state.params, spec))
+        if done % config.train.checkpoint_every == 0 or done == steps:
+          save(done)
+        bar.update(1)
+        bar.set_postfix(success=f"{metrics['success']:.2f}",
+                        kappa=f"{metrics.get('kappa', 0):.2f}", rho=f"{metrics.get('rho', 0):.2f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if stop.hit and done < steps:
+          save(done)
+          interrupted = True
+          break
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    log.flush()
+  if interrupted:
+    log.close()
+    say(f"interrupted: saved the checkpoint at step {int(state.step)}; run the same command "
+        "again to resume")
+    return {"interrupted": True, "step": int(state.step)}
+
+  title = (f"{config.method} on household-{config.env.preset}, seed {config.seed}")
+  logs.plot(log, teacher_metrics, os.path.join(workdir, "curves.png"), title)
+  table = logs.results_table(log, teacher_metrics)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"# {title}\n\n{table}\n")
+  evals = [rec for rec in log.records if rec["kind"] == "eval"]
+  summary = {"method": config.method, "seed": config.seed, "steps": steps,
+             "final": evals[-1], "best_success": max(e["eval/success"] for e in evals),
+             "step0": evals[0], "teacher": teacher_metrics}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  log.close()
+  final_params = jax.device_get(state.params)
+  agents.save_model(os.path.join(workdir, "student"), graphdef, final_params,
+                    model_config(config.student.model) if config.student.init not in
+                    ("hf", "checkpoint") else agents.load_any(
+                        config.student.init, config.student.path,
+                        config.student.model.to_dict())[2])
+  if config.student.init == "hf":
+    from flax import nnx
+    save_pretrained(nnx.merge(graphdef, final_params), os.path.join(workdir, "student_hf"),
+                    tokenizer_dir=config.student.path)
+  say("\n" + table)
+  say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/")
+  return summary

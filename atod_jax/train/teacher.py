@@ -1,0 +1,109 @@
+"""The frozen teacher: loaded from a directory, or built once and cached.
+
+Building (``teacher.source = "build"``): a model of ``teacher.model`` shape is trained by
+behaviour cloning on expert demonstrations of training tasks, then saved with the
+fingerprint of everything that shaped it; a later run whose fingerprint matches loads it
+instead of building again. The student's optional warm start (``student.init = "sft"``)
+is the same procedure with its own (smaller) budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from tqdm.auto import tqdm
+
+from atod_jax.rollout.device import HouseholdRollout
+from atod_jax.rollout.trajectory import pack, trim
+from atod_jax.train import agents
+from atod_jax.train.config import model_config
+from atod_jax.train.steps import init_state, jit_sft_update
+
+
+def behaviour_clone(graphdef, params, spec: HouseholdRollout, *, episodes: int, steps: int,
+                    batch_size: int, learning_rate: float, seed: int, desc: str):
+  """``steps`` SFT updates on mini-batches of ``episodes`` expert episodes."""
+  if steps == 0:
+    return params
+  demos = pack(agents.expert_demos(spec, seed, episodes))
+  # warm-up then cosine decay: a constant rate leaves the clone's success swinging by tens
+  # of points from one step to the next
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(1, steps // 10), steps, learning_rate * 0.05))
+  state = init_state(params, tx)
+  bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+  for i in bar:
+    idx = jax.random.choice(agents.draw(seed, agents.SHUFFLE, i), episodes, (batch_size,),
+                            replace=episodes < batch_size)
+    batch = trim(jax.tree.map(lambda x: x[idx], demos))
+    state, metrics = jit_sft_update(graphdef, tx, state, batch, agents.draw(seed, agents.SHUFFLE, i),
+                                    minibatches=1)
+    if i % 10 == 0 or i == steps - 1:
+      bar.set_postfix(nll=f"{float(metrics['loss']):.3f}")
+  return state.params
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict:
+  return {"model": config.teacher.model.to_dict(), "build": config.teacher.build.to_dict(),
+          "env": config.env.to_dict()}
+
+
+def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workdir: str,
+                say=print):
+  """``(graphdef, params, cfg, info)`` of the frozen teacher; ``info`` holds how it was
+  made and its evaluation (computed once and cached with it)."""
+  t = config.teacher
+  if t.source in ("hf", "checkpoint"):
+    graphdef, params, cfg = agents.load_any(t.source, t.path, t.model.to_dict())
+    return graphdef, params, cfg, {"source": t.source, "path": t.path}
+  cache = os.path.abspath(os.path.expanduser(t.cache_dir or os.path.join(workdir, "teacher")))
+  fingerprint = _fingerprint(config)
+  info_file = os.path.join(cache, "info.json")
+  if os.path.exists(info_file):
+    with open(info_file) as f:
+      info = json.load(f)
+    if info.get("fingerprint") == fingerprint:
+      graphdef, params, cfg = agents.load_model(cache)
+      say(f"teacher: reusing the one built in {cache}")
+      return graphdef, params, cfg, info
+    say(f"teacher: {cache} holds a teacher built with other settings; rebuilding")
+  b = t.build
+  cfg = model_config(t.model)
+  start = time.time()
+  graphdef, params = agents.fresh_model(cfg, b.seed)
+  say(f"teacher: building ({cfg.num_layers} layers, hidden {cfg.hidden_size}) by behaviour "
+      f"cloning on {b.demo_episodes} expert episodes for {b.sft_steps} steps")
+  params = behaviour_clone(graphdef, params, spec, episodes=b.demo_episodes, steps=b.sft_steps,
+                           batch_size=b.batch_size, learning_rate=b.learning_rate, seed=b.seed,
+                           desc="teacher")
+  info = {"source": "build", "fingerprint": fingerprint, "build_seconds": time.time() - start}
+  agents.save_model(cache, graphdef, params, cfg, info)
+  return graphdef, params, cfg, info
+
+
+def teacher_eval(config, graphdef, params, spec, info: dict, workdir: str) -> dict:
+  """The teacher's held-out evaluation under the run's protocol (cached by protocol)."""
+  e = config.eval
+  protocol = {"episodes": e.episodes, "temperature": e.temperature, "seed": e.seed,
+              "env": config.env.to_dict()}
+  cache_file = os.path.join(workdir, "teacher_eval.json")
+  if os.path.exists(cache_file):
+    with open(cache_file) as f:
+      cached = json.load(f)
+    if cached.get("protocol") == protocol and cached.get("teacher") == info.get("fingerprint", info.get("path")):
+      return cached["metrics"]
+  metrics = {f"eval/{k}": v for k, v in agents.evaluate(
+      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
+      seed=e.seed).items()}
+  if e.greedy:
+    metrics.update({f"greedy/{k}": v for k, v in agents.evaluate(
+        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+  with open(cache_file, "w") as f:
+    json.dump({"protocol": protocol, "teacher": info.get("fingerprint", info.get("path")),
+               "metrics": metrics}, f, indent=1)
+  return metrics

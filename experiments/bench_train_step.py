@@ -1,0 +1,95 @@
+"""Profile of one training step of a config: rollout, teacher scoring, advantages and
+update, each timed on its own after compilation, with their shares and tokens/s.
+
+    python experiments/bench_train_step.py                     # configs/quickstart.py
+    python experiments/bench_train_step.py --config configs/quickstart.py --repeats 5
+
+The models are freshly initialised (their speed does not depend on their weights, but
+the episode lengths do: an untrained student plays every episode to the turn limit, the
+slowest case, and that is what is measured).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from atod_jax.envs.household import HouseholdParams
+from atod_jax.rollout import HouseholdRollout, pack, summarize, trim
+from atod_jax.sampling import SamplingParams
+from atod_jax.train import agents
+from atod_jax.train.config import model_config, schedules, validate
+from atod_jax.train.steps import advantages, init_state, jit_policy_update, jit_score, \
+    make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "config")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (after one warm-up)")
+
+
+def _time(fn, repeats):
+  out = jax.block_until_ready(fn(0))  # compile + warm up
+  t0 = time.perf_counter()
+  for i in range(repeats):
+    out = jax.block_until_ready(fn(i + 1))
+  return (time.perf_counter() - t0) / repeats, out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  validate(config)
+  r, o, opt = config.rollout, config.objective, config.optim
+  spec = HouseholdRollout(HouseholdParams.preset(config.env.preset), config.env.obs_len)
+  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
+  t_graph, t_params = agents.fresh_model(model_config(config.teacher.model), 1)
+  roll = agents.rollout_fn(graphdef, spec, "train", SamplingParams(r.temperature))
+  keys, groups = agents.task_keys(0, agents.TASKS, 0, r.tasks_per_step, r.group_size)
+  rows = r.tasks_per_step * r.group_size
+
+  t_roll, traj = _time(lambda i: roll(params, keys, jax.random.key(i), groups), _REPEATS.value)
+  packed = trim(pack(traj))
+  t_pack, _ = _time(lambda i: trim(pack(traj)), _REPEATS.value)
+  t_score, t_logp = _time(lambda i: jit_score(t_graph, t_params, packed), _REPEATS.value)
+  sched, mode = schedules(config)
+  adv_fn = jax.jit(functools.partial(advantages, sched=sched, tdur_mode=mode,
+                                     estimator=o.estimator, num_groups=r.tasks_per_step,
+                                     max_turns=spec.max_turns))
+  t_adv, (adv, _) = _time(lambda i: adv_fn(packed, t_logp, i), _REPEATS.value)
+  tx = make_optimizer(opt)
+  state = [init_state(params, tx)]
+
+  def update(i):
+    state[0], m = jit_policy_update(
+        graphdef, tx, state[0], packed, adv, jax.random.key(i), minibatches=opt.minibatches,
+        epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
+        dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature)
+    return m
+  t_upd, _ = _time(update, _REPEATS.value)
+
+  total = t_roll + t_pack + t_score + t_adv + t_upd
+  gen = int(traj.num_tokens)
+  m = summarize(traj)
+  print(f"{jax.devices()[0].device_kind}, {len(jax.devices())} device(s); {rows} episodes "
+        f"({r.tasks_per_step} tasks x {r.group_size}), {float(m['turns']):.1f} turns each, "
+        f"{gen} generated tokens; layout {spec.length} slots, packed to "
+        f"{packed.tokens.shape[1]}")
+  print()
+  print("| part | ms | share |")
+  print("|---|---:|---:|")
+  for name, t in (("rollout (student sampling + env, one jit)", t_roll),
+                  ("pack + trim", t_pack), ("teacher scoring", t_score),
+                  ("advantages (GRPO + OPD + T-DUR)", t_adv),
+                  (f"update ({opt.minibatches} minibatches x {opt.epochs} epochs)", t_upd)):
+    print(f"| {name} | {t * 1e3:.0f} | {t / total:.0%} |")
+  print(f"| **step** | **{total * 1e3:.0f}** | |")
+  print()
+  print(f"generated tokens/s over the step: {gen / total:.0f}; rollout alone: "
+        f"{gen / t_roll:.0f} generated tokens/s")
+
+
+if __name__ == "__main__":
+  app.run(main)

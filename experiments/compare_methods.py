@@ -1,0 +1,121 @@
+"""Methods side by side: the same config, budget and teacher for each, over several seeds.
+
+    python experiments/compare_methods.py --config configs/quickstart.py --workdir runs/compare
+    python experiments/compare_methods.py --config configs/quickstart.py --workdir runs/c \
+        --methods atod,opd,grpo --seeds 0,1 --config.train.steps=40
+
+Each run lives in ``<workdir>/<method>/seed_<s>`` (a finished run is reused, a stopped
+one resumes); the teacher is built once in ``<workdir>/teacher`` and shared. Writes
+``<workdir>/comparison.md`` (mean +- std over seeds) and ``<workdir>/comparison.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from atod_jax.train import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "base config")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where the runs and the tables go")
+_METHODS = flags.DEFINE_string("methods", "atod,opd,grpo,atod_fixed,atod_uniform",
+                               "comma-separated methods")
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds")
+flags.mark_flag_as_required("workdir")
+
+
+def _mean_std(values):
+  a = np.asarray(values, float)
+  return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
+
+
+def _curves(path):
+  steps, succ = [], []
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r["kind"] == "eval":
+        steps.append(r["step"])
+        succ.append(r["eval/success"])
+  return steps, succ
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
+        os.environ.get("ATOD_JAX_CACHE", "~/.cache/atod_jax/jax_cache")))
+  base = _CONFIG.value
+  workdir = os.path.abspath(_WORKDIR.value)
+  methods = _METHODS.value.split(",")
+  seeds = [int(s) for s in _SEEDS.value.split(",")]
+  results: dict[str, list[dict]] = {m: [] for m in methods}
+  curves: dict[str, list] = {m: [] for m in methods}
+  teacher = None
+  for method in methods:
+    for seed in seeds:
+      run_dir = os.path.join(workdir, method, f"seed_{seed}")
+      summary_file = os.path.join(run_dir, "summary.json")
+      if not os.path.exists(summary_file):
+        config = base.copy_and_resolve_references()
+        config.unlock()
+        config.method, config.seed = method, seed
+        if config.teacher.source == "build" and not config.teacher.cache_dir:
+          config.teacher.cache_dir = os.path.join(workdir, "teacher")
+        print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
+        train(config, run_dir)
+      with open(summary_file) as f:
+        summary = json.load(f)
+      results[method].append(summary)
+      curves[method].append(_curves(os.path.join(run_dir, "metrics.jsonl")))
+      teacher = summary["teacher"]
+
+  cols = ("final eval success", "best eval success", "final greedy success", "final turns")
+  lines = [f"Budget: {base.train.steps} steps x {base.rollout.tasks_per_step} tasks x "
+           f"{base.rollout.group_size} rollouts; seeds {seeds}; held-out success at "
+           f"T={base.eval.temperature} over {base.eval.episodes} episodes (mean ± std).", "",
+           "| method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+  for method in methods:
+    rs = results[method]
+    lines.append(f"| {method} | " + " | ".join([
+        _mean_std([r["final"]["eval/success"] for r in rs]),
+        _mean_std([r["best_success"] for r in rs]),
+        _mean_std([r["final"].get("greedy/success", np.nan) for r in rs]),
+        _mean_std([r["final"]["eval/turns"] for r in rs])]) + " |")
+  lines.append(f"| teacher | {teacher['eval/success']:.3f} | - | "
+               f"{teacher.get('greedy/success', float('nan')):.3f} | {teacher['eval/turns']:.1f} |")
+  first = results[methods[0]]
+  lines.append(f"| student at step 0 | {_mean_std([r['step0']['eval/success'] for r in first])}"
+               " | - | - | - |")
+  table = "\n".join(lines)
+  with open(os.path.join(workdir, "comparison.md"), "w") as f:
+    f.write(table + "\n")
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for method in methods:
+    steps = curves[method][0][0]
+    ys = np.array([c[1] for c in curves[method]])
+    mean, std = ys.mean(0), ys.std(0)
+    ax.plot(steps, mean, "-o", ms=3, label=method)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+  ax.axhline(teacher["eval/success"], color="k", ls="--", label="teacher")
+  ax.set(xlabel="training step", ylabel=f"held-out success (T={base.eval.temperature})",
+         title=f"household-{base.env.preset}: mean ± std over {len(seeds)} seeds",
+         ylim=(-0.02, 1.02))
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "comparison.png"), dpi=110)
+  print("\n" + table)
+  print(f"\nwrote {workdir}/comparison.md and comparison.png")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,80 @@
+"""The on-device rollout: layout, the expert, and agreement with a full forward pass."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from atod_jax.envs import household as hh
+from atod_jax.models import DecoderLM, ModelConfig
+from atod_jax.rollout import HouseholdRollout, pack, rollout, summarize, trim
+from atod_jax.sampling import SamplingParams, token_logprobs
+
+SPEC = HouseholdRollout(hh.HouseholdParams.preset("easy"), obs_len=24)
+CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                  head_dim=16, intermediate_size=64, qk_norm=True, dtype="float32")
+
+
+def _keys(n, seed=0):
+  return jax.random.split(jax.random.key(seed), n)
+
+
+def test_expert_rollout_wins_and_layout_reads_as_the_episode():
+  traj = jax.jit(lambda k: rollout(None, SPEC, k, jax.random.key(1), sampling=None))(_keys(16))
+  assert np.all(traj.won) and np.all(traj.rewards == 1.0)
+  assert traj.tokens.shape == (16, SPEC.length)
+  row = 3
+  tokens, valid, gen = (np.asarray(x[row]) for x in (traj.tokens, traj.valid, traj.gen_mask))
+  turns = np.asarray(traj.turn_ids[row])
+  # Replay the episode in Python with the same task: the layout holds its exact text.
+  state = hh.reset(SPEC.env, _keys(16)[row], "train")
+  expected = list(np.asarray(hh.observe(SPEC.env, state, hh.initial_event())))
+  expected = [t for t in expected if t != hh.PAD]
+  for k in range(int(traj.num_turns[row])):
+    action = np.asarray(hh.expert_action(state))
+    words = [t for t in action if t != hh.PAD]
+    assert list(tokens[gen & (turns == k)]) == words + [hh.EOS]
+    expected += words + [hh.EOS]
+    state, out = hh.step(SPEC.env, state, action)
+    if not bool(state.done):
+      obs = np.asarray(hh.observe(SPEC.env, state, out.event))[:SPEC.obs_len]
+      expected += [t for t in obs if t != hh.PAD]
+  assert list(tokens[valid]) == expected
+  assert not np.any(gen & ~valid) and np.all(turns[~gen] == -1)
+
+
+def test_sampled_rollout_logprobs_equal_a_full_forward_and_survive_packing():
+  model = DecoderLM(CFG, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  run = jax.jit(lambda p, k: rollout(nnx.merge(graphdef, p), SPEC, k, jax.random.key(2),
+                                     sampling=SamplingParams(1.0)))
+  traj = run(params, _keys(8, 3))
+  assert int(jnp.sum(traj.gen_mask)) > 8 * 5
+  score = jax.jit(lambda p, t, v: token_logprobs(nnx.merge(graphdef, p), t, v))
+  full = score(params, traj.tokens, traj.valid)
+  np.testing.assert_allclose(np.where(traj.gen_mask, full, 0), traj.behaviour_logp, atol=2e-5)
+  packed = trim(pack(traj))
+  assert packed.tokens.shape[1] % 64 == 0 and packed.tokens.shape[1] <= SPEC.length
+  np.testing.assert_array_equal(np.sum(packed.gen_mask, 1), np.sum(traj.gen_mask, 1))
+  again = score(params, packed.tokens, packed.valid)
+  np.testing.assert_allclose(np.where(packed.gen_mask, again, 0), packed.behaviour_logp,
+                             atol=2e-5)
+  # the turn ids travel with their tokens
+  for row in range(8):
+    np.testing.assert_array_equal(np.asarray(packed.turn_ids[row])[np.asarray(packed.gen_mask[row])],
+                                  np.asarray(traj.turn_ids[row])[np.asarray(traj.gen_mask[row])])
+  m = summarize(traj)
+  assert 0 <= float(m["success"]) <= 1 and 1 <= float(m["turns"]) <= SPEC.max_turns
+
+
+def test_malformed_response_is_an_invalid_turn():
+  """A response without <eos> in its slots is one unparseable command."""
+  from atod_jax.rollout.device import _command
+  tokens = jnp.array([[hh.WORD_ID["look"], hh.EOS] + [hh.PAD] * 7,
+                      [hh.WORD_ID["look"]] * 9])
+  valid = jnp.array([[True, True] + [False] * 7, [True] * 9])
+  cmd = np.asarray(_command(tokens, valid))
+  assert list(cmd[0]) == [hh.WORD_ID["look"]] + [hh.PAD] * 7
+  assert np.all(cmd[1] == hh.UNK)
+  state = hh.reset(SPEC.env, jax.random.key(0))
+  assert bool(hh.step(SPEC.env, state, jnp.asarray(cmd[1]))[1].invalid)
+  assert not bool(hh.step(SPEC.env, state, jnp.asarray(cmd[0]))[1].invalid)

@@ -1,0 +1,219 @@
+"""The trainer end to end: real runs of the CLI, resume after kill -9 and SIGINT, NaN stop,
+config errors, and the sharded update."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from atod_jax.train import ConfigError, validate
+from atod_jax.train import agents
+from atod_jax.train.steps import init_state, jit_policy_update, make_optimizer
+
+from tests.train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "tests", "train", "tiny_config.py")
+TIMING = ("step_seconds", "tokens_per_s")
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device, as a user's laptop
+  env["ATOD_JAX_CACHE"] = jax.config.jax_compilation_cache_dir or ""
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+def _cmd(workdir, teacher_dir, *extra):
+  return [sys.executable, "-m", "atod_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+          f"--config.teacher.cache_dir={teacher_dir}", *extra]
+
+
+def _run(workdir, teacher_dir, *extra, check=True):
+  proc = subprocess.run(_cmd(workdir, teacher_dir, *extra), env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  if check and proc.returncode:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def _student_params(workdir):
+  return jax.tree.leaves(agents.load_model(os.path.join(workdir, "student"))[1])
+
+
+def _wait_for_train_records(proc, workdir, n, timeout=600):
+  path = os.path.join(workdir, "metrics.jsonl")
+  start = time.time()
+  while time.time() - start < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+    if os.path.exists(path):
+      with open(path) as f:
+        if sum('"kind": "train"' in line for line in f) >= n:
+          return
+    time.sleep(0.2)
+  raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run (it also builds the shared teacher)."""
+  root = tmp_path_factory.mktemp("trainer")
+  teacher = str(root / "teacher")
+  ref = str(root / "ref")
+  proc = _run(ref, teacher)
+  return root, teacher, ref, proc
+
+
+def test_uninterrupted_run_writes_everything(reference):
+  _, teacher, ref, proc = reference
+  for name in ("metrics.jsonl", "curves.png", "results.md", "summary.json", "config.json",
+               "teacher_eval.json", "student/model_config.json"):
+    assert os.path.exists(os.path.join(ref, name)), name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(ref, "tensorboard")))
+  recs = _records(ref)
+  train = [r for r in recs if r["kind"] == "train"]
+  assert [r["step"] for r in train] == list(range(6))
+  assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 3, 6]
+  kappa = [r["kappa"] for r in train]
+  assert kappa[0] == 1.0 and all(a > b for a, b in zip(kappa, kappa[1:]))  # annealing
+  assert "| teacher |" in proc.stdout and "| student, step 6 (final) |" in proc.stdout
+  assert os.path.exists(os.path.join(teacher, "info.json"))
+
+
+def test_kill_9_then_resume_is_bit_identical(reference):
+  root, teacher, ref, _ = reference
+  work = str(root / "killed")
+  proc = subprocess.Popen(_cmd(work, teacher), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_train_records(proc, work, int(np.random.default_rng().integers(2, 5)))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = _run(work, teacher)
+  assert "resuming from the checkpoint" in out.stdout
+  assert _records(work) == _records(ref)
+  for a, b in zip(_student_params(work), _student_params(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigint_saves_and_exits_then_resumes(reference):
+  root, teacher, ref, _ = reference
+  work = str(root / "interrupted")
+  proc = subprocess.Popen(_cmd(work, teacher), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_train_records(proc, work, 2)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-2000:]
+  assert "Traceback" not in stderr
+  assert "interrupted: saved the checkpoint at step" in stdout
+  saved = int(stdout.split("checkpoint at step ")[1].split(";")[0])
+  assert 2 <= saved < 6
+  assert str(saved) in os.listdir(os.path.join(work, "checkpoints"))
+  _run(work, teacher)
+  assert _records(work) == _records(ref)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reference):
+  root, teacher, _, _ = reference
+  work = str(root / "nan")
+  proc = _run(work, teacher, "--config.debug.nan_at_step=3", check=False)
+  assert proc.returncode == 3
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: training diverged at step 3") and "(step 3)" in last
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(os.path.join(work, "checkpoints")) as m:
+    assert m.latest_step() == 3
+    restored = m.restore(3)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.method=ppo", "config.method"),
+    ("--config.train.steps=-1", "config.train.steps"),
+    ("--config.teacher.source=checkpoint", "config.teacher.path"),
+    ("--config.rollout.group_size=1", "config.rollout.group_size"),
+    ("--config.optim.minibatches=3", "config.optim.minibatches"),
+    ("--config.objective.tdur_mode=entropy", "config.objective.tdur_mode"),
+])
+def test_bad_config_fails_in_one_line(override, field):
+  config = tiny_config.get_config()
+  key, value = override[len("--config."):].split("=")
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
+  with pytest.raises(ConfigError) as e:
+    validate(config)
+  message = str(e.value)
+  assert message.startswith(field) and "\n" not in message
+
+
+def test_bad_config_from_the_command_line(tmp_path):
+  proc = _run(str(tmp_path / "w"), str(tmp_path / "t"), "--config.method=ppo", check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config.method: got 'ppo'; allowed: atod, opd, grpo, sft, atod_fixed, atod_uniform")
+
+
+def test_grpo_group_size_one_is_refused_but_opd_allows_it():
+  config = tiny_config.get_config()
+  config.method = "opd"
+  config.rollout.group_size = 1
+  config.optim.minibatches = 1
+  validate(config)
+  config.method = "grpo"
+  with pytest.raises(ConfigError, match="group_size"):
+    validate(config)
+
+
+def test_sharded_update_equals_one_device():
+  """8 CPU devices (data 4 x fsdp 2): same loss and new parameters as one device."""
+  from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
+  from atod_jax.rollout import HouseholdRollout, pack, trim
+  from atod_jax.envs.household import HouseholdParams
+  from atod_jax.sampling import SamplingParams
+  from atod_jax.train.config import model_config, schedules
+  from atod_jax.train.steps import advantages, jit_score
+  import functools
+  config = tiny_config.get_config()
+  spec = HouseholdRollout(HouseholdParams.preset("easy"), 24)
+  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
+  t_graph, t_params = agents.fresh_model(model_config(config.teacher.model), 1)
+  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
+  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
+      params, keys, jax.random.key(0), groups)))
+  sched, mode = schedules(config)
+  adv, _ = jax.jit(functools.partial(advantages, sched=sched, tdur_mode=mode, estimator="grpo",
+                                     num_groups=4, max_turns=spec.max_turns))(
+      traj, jit_score(t_graph, t_params, traj), 0)
+  tx = make_optimizer(config.optim)
+  kw = dict(minibatches=2, epochs=2, clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,
+            aggregation="seq_mean_token_mean", temperature=1.0)
+  copy = lambda t: jax.tree.map(lambda x: np.array(x), t)  # noqa: E731
+  one, m1 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
+                              jax.random.key(5), **kw)
+  mesh = make_mesh(4, 2, 1)
+  p8 = jax.device_put(copy(params), state_shardings(params, mesh))
+  t8, a8 = shard_batch((traj, adv), mesh)
+  eight, m8 = jit_policy_update(graphdef, tx, init_state(p8, tx), t8, a8, jax.random.key(5), **kw)
+  assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
