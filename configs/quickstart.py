@@ -31,23 +31,25 @@ def get_config():
       path="",  # the directory for hf / checkpoint
       cache_dir="",  # where a built teacher is kept (default: <workdir>/teacher)
       model=tiny_model(128, 3, 2, 384),
-      build=dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3),
+      build=dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
+                 expert_noise=0.3),  # share of random commands in the demos (DART)
   )
   c.student = dict(
       init="sft",  # fresh | sft (short behaviour-cloning warm start) | hf | checkpoint
       path="",
       model=tiny_model(64, 2, 2, 192),
-      sft=dict(demo_episodes=64, steps=100, batch_size=32, learning_rate=3e-3),
+      sft=dict(demo_episodes=64, steps=200, batch_size=32, learning_rate=3e-3,
+               expert_noise=0.3),
   )
   c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
   c.objective = dict(
-      estimator="grpo", tdur_mode="soft_or", schedule="linear", anneal_steps=40,
+      estimator="grpo", tdur_mode="soft_or", schedule="linear", anneal_steps=30,
       kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
       clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
       aggregation="seq_mean_token_mean")
-  c.optim = dict(learning_rate=1e-3, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
-                 max_grad_norm=1.0, minibatches=2, epochs=1)
-  c.train = dict(steps=80, eval_every=20, checkpoint_every=10, keep_checkpoints=3)
+  c.optim = dict(learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
+                 max_grad_norm=1.0, minibatches=4, epochs=1)
+  c.train = dict(steps=60, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
   c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.debug = dict(nan_at_step=-1)  # fault injection for the tests: NaN loss at this step

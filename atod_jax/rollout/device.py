@@ -61,15 +61,23 @@ def _left_align(tokens: jax.Array, valid: jax.Array):
   return jnp.take_along_axis(tokens, idx, axis=1), jnp.arange(n)[None, :] >= n - count
 
 
-def _expert_response(state: hh.State):
-  """The expert's command as a response: words, ``<eos>``, padding."""
+def _expert_response(state: hh.State, key: jax.Array, noise: float):
+  """The expert's command as a response: words, ``<eos>``, padding; with probability
+  ``noise`` a random command instead (returned flag True: not to be imitated)."""
   action = jax.vmap(hh.expert_action)(state)  # [B, ACTION_LEN]
+  b = action.shape[0]
+  k_flip, k_pick = jax.random.split(key)
+  cands = hh.candidate_actions(state)
+  pick = cands[jax.random.randint(k_pick, (b,), 0, cands.shape[0])]
+  rand = jax.vmap(lambda s, c: hh.action_tokens(s, c[0], c[1], c[2]))(state, pick)
+  noisy = jax.random.uniform(k_flip, (b,)) < noise
+  action = jnp.where(noisy[:, None], rand, action)
   m = HouseholdRollout.response_len
   words = jnp.sum(action != hh.PAD, axis=1, keepdims=True)
   j = jnp.arange(m)[None, :]
   padded = jnp.pad(action, ((0, 0), (0, 1)), constant_values=hh.PAD)
   tokens = jnp.where(j < words, padded, jnp.where(j == words, hh.EOS, hh.PAD))
-  return tokens.astype(jnp.int32), j <= words
+  return tokens.astype(jnp.int32), j <= words, noisy
 
 
 def _command(tokens: jax.Array, valid: jax.Array) -> jax.Array:
@@ -86,7 +94,7 @@ def _command(tokens: jax.Array, valid: jax.Array) -> jax.Array:
 def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Array,
             key: jax.Array, *, split: str = "train",
             sampling: SamplingParams | None = SamplingParams(),
-            group_ids: jax.Array | None = None) -> Trajectory:
+            group_ids: jax.Array | None = None, expert_noise: float = 0.0) -> Trajectory:
   """Plays one episode per task key; traceable (call it under ``jax.jit``).
 
   Args:
@@ -98,6 +106,10 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
     split: "train" or "heldout" (static).
     sampling: the policy's :class:`SamplingParams`; None plays the expert.
     group_ids: ``[B]`` int32 (default: one group per row).
+    expert_noise: when the expert plays, the chance that a turn's command is a random
+      one instead, whose tokens stay in the context but not in ``gen_mask`` (noise
+      injection, as in DART: a clone then also learns to recover from mistakes, which
+      a teacher scoring a student's off-course episodes needs).
   """
   b = task_keys.shape[0]
   state = jax.vmap(lambda k: hh.reset(spec.env, k, split))(task_keys)
@@ -116,14 +128,17 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
     state, cache, logits = carry
     live = ~state.done
     if expert:
-      resp, resp_valid = _expert_response(state)
+      resp, resp_valid, noisy = _expert_response(state, jax.random.fold_in(key, k),
+                                                 expert_noise)
       resp_valid &= live[:, None]
       resp = jnp.where(resp_valid, resp, hh.PAD)
       resp_logp = jnp.zeros(resp.shape, jnp.float32)
+      imitate = resp_valid & ~noisy[:, None]
     else:
       out = decode_loop(model, cache, logits, jax.random.fold_in(key, k), m, sampling, stop,
                         jnp.where(live, m, 0), jnp.int32(hh.PAD))
       resp, resp_valid, resp_logp, cache = out.tokens, out.valid, out.logprobs, out.cache
+      imitate = resp_valid
     new_state, so = jax.vmap(lambda s, a: hh.step(spec.env, s, a))(
         state, _command(resp, resp_valid))
     obs = jax.vmap(lambda s, e: hh.observe(spec.env, s, e))(new_state, so.event)
@@ -132,11 +147,12 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
     obs = jnp.where(obs_valid, obs, hh.PAD)
     if not expert:
       logits, cache = append_tokens(model, cache, obs, obs_valid)
-    record = (resp, resp_valid, resp_logp, obs, obs_valid, so.reward * live, so.invalid)
+    record = (resp, resp_valid, imitate, resp_logp, obs, obs_valid, so.reward * live,
+              so.invalid)
     return (new_state, cache, logits), record
 
   (state, _, _), rec = jax.lax.scan(turn, (state, cache, logits), jnp.arange(spec.max_turns))
-  resp, resp_valid, resp_logp, obs, obs_valid, reward, invalid = rec  # [K, B, ...]
+  resp, resp_valid, imitate, resp_logp, obs, obs_valid, reward, invalid = rec  # [K, B, ...]
   kk = spec.max_turns
 
   def lay(r, o):  # [K, B, M], [K, B, O] -> [B, K * (M + O)]
@@ -145,7 +161,7 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
   turn_of = jnp.broadcast_to(jnp.arange(kk)[:, None, None], resp.shape)
   tokens = jnp.concatenate([prompt, lay(resp, obs)], axis=1)
   valid = jnp.concatenate([prompt_valid, lay(resp_valid, obs_valid)], axis=1)
-  gen = jnp.concatenate([jnp.zeros_like(prompt_valid), lay(resp_valid, jnp.zeros_like(obs_valid))],
+  gen = jnp.concatenate([jnp.zeros_like(prompt_valid), lay(imitate, jnp.zeros_like(obs_valid))],
                         axis=1)
   turn_ids = jnp.concatenate([jnp.full(prompt.shape, -1, jnp.int32),
                               lay(turn_of, jnp.full(obs.shape, -1, jnp.int32))], axis=1)

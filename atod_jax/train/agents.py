@@ -79,12 +79,13 @@ def load_any(kind: str, path: str, model_fields: dict):
 
 
 @functools.lru_cache(maxsize=None)
-def rollout_fn(graphdef, spec: HouseholdRollout, split: str, sampling: SamplingParams | None):
+def rollout_fn(graphdef, spec: HouseholdRollout, split: str, sampling: SamplingParams | None,
+               expert_noise: float = 0.0):
   """A jitted ``(params, task_keys, key, group_ids) -> Trajectory``."""
   def run(params, task_keys, key, group_ids):
     model = None if sampling is None else nnx.merge(graphdef, params)
     return rollout(model, spec, task_keys, key, split=split, sampling=sampling,
-                   group_ids=group_ids)
+                   group_ids=group_ids, expert_noise=expert_noise)
   return jax.jit(run)
 
 
@@ -94,10 +95,13 @@ def task_keys(seed: int, purpose: int, step: int, tasks: int, group: int):
   return jnp.repeat(keys, group, axis=0), jnp.repeat(jnp.arange(tasks, dtype=jnp.int32), group)
 
 
-def expert_demos(spec: HouseholdRollout, seed: int, episodes: int) -> Trajectory:
-  """``episodes`` expert episodes on training tasks, in the rollout layout."""
+def expert_demos(spec: HouseholdRollout, seed: int, episodes: int,
+                 noise: float = 0.0) -> Trajectory:
+  """``episodes`` expert episodes on training tasks, in the rollout layout (with
+  ``noise``, a share of random commands that are not imitated: see ``rollout``)."""
   keys, groups = task_keys(seed, DEMOS, 0, episodes, 1)
-  return rollout_fn(None, spec, "train", None)(None, keys, draw(seed, DEMOS, 1), groups)
+  return rollout_fn(None, spec, "train", None, float(noise))(
+      None, keys, draw(seed, DEMOS, 1), groups)
 
 
 def evaluate(graphdef, params, spec: HouseholdRollout, *, episodes: int, temperature: float,

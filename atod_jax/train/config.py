@@ -83,6 +83,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(config.rollout.group_size >= 2, "rollout.group_size",
           f"must be >= 2 for method {config.method!r} (group advantages need a group), "
           f"got {config.rollout.group_size}")
+  for f in ("teacher.build.expert_noise", "student.sft.expert_noise"):
+    sec, sub, leaf = f.split(".")
+    v = config[sec][sub][leaf]
+    _need(0.0 <= v < 1.0, f, f"must be in [0, 1), got {v!r}")
   _choice(config, "student.init", STUDENT_INITS)
   _choice(config, "teacher.source", TEACHER_SOURCES)
   for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):

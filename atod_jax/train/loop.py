@@ -51,7 +51,7 @@ def _student(config, spec, say):
     params = behaviour_clone(graphdef, params, spec, episodes=s.sft.demo_episodes,
                              steps=s.sft.steps, batch_size=s.sft.batch_size,
                              learning_rate=s.sft.learning_rate, seed=config.seed + 10_000,
-                             desc="student warm start")
+                             desc="student warm start", noise=s.sft.expert_noise)
   return graphdef, params, cfg
 
 
@@ -148,7 +148,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   rows_sharding = batch_sharding(mesh, 1)
   demos = None
   if config.method == "sft":
-    demos = pack(agents.expert_demos(spec, config.seed + 20_000, 4 * rows))
+    demos = pack(agents.expert_demos(spec, config.seed + 20_000, 4 * rows,
+                                      config.student.sft.expert_noise))
   steps = config.train.steps
   bar = tqdm(total=steps, initial=start_step, desc=config.method, unit="step",
              dynamic_ncols=True, disable=quiet)
@@ -222,7 +223,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     return {"interrupted": True, "step": int(state.step)}
 
   title = (f"{config.method} on household-{config.env.preset}, seed {config.seed}")
-  logs.plot(log, teacher_metrics, os.path.join(workdir, "curves.png"), title)
+  try:
+    logs.plot(log, teacher_metrics, os.path.join(workdir, "curves.png"), title)
+  except ImportError:  # a dependency, but a broken install should not lose the results
+    say("matplotlib is not importable: no curves.png")
   table = logs.results_table(log, teacher_metrics)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"# {title}\n\n{table}\n")

@@ -26,11 +26,12 @@ from atod_jax.train.steps import init_state, jit_sft_update
 
 
 def behaviour_clone(graphdef, params, spec: HouseholdRollout, *, episodes: int, steps: int,
-                    batch_size: int, learning_rate: float, seed: int, desc: str):
+                    batch_size: int, learning_rate: float, seed: int, desc: str,
+                    noise: float = 0.0):
   """``steps`` SFT updates on mini-batches of ``episodes`` expert episodes."""
   if steps == 0:
     return params
-  demos = pack(agents.expert_demos(spec, seed, episodes))
+  demos = pack(agents.expert_demos(spec, seed, episodes, noise))
   # warm-up then cosine decay: a constant rate leaves the clone's success swinging by tens
   # of points from one step to the next
   tx = optax.adam(optax.warmup_cosine_decay_schedule(
@@ -70,7 +71,7 @@ def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workd
     if info.get("fingerprint") == fingerprint:
       graphdef, params, cfg = agents.load_model(cache)
       say(f"teacher: reusing the one built in {cache}")
-      return graphdef, params, cfg, info
+      return graphdef, params, cfg, dict(info, dir=cache)
     say(f"teacher: {cache} holds a teacher built with other settings; rebuilding")
   b = t.build
   cfg = model_config(t.model)
@@ -80,18 +81,19 @@ def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workd
       f"cloning on {b.demo_episodes} expert episodes for {b.sft_steps} steps")
   params = behaviour_clone(graphdef, params, spec, episodes=b.demo_episodes, steps=b.sft_steps,
                            batch_size=b.batch_size, learning_rate=b.learning_rate, seed=b.seed,
-                           desc="teacher")
+                           desc="teacher", noise=b.expert_noise)
   info = {"source": "build", "fingerprint": fingerprint, "build_seconds": time.time() - start}
   agents.save_model(cache, graphdef, params, cfg, info)
-  return graphdef, params, cfg, info
+  return graphdef, params, cfg, dict(info, dir=cache)
 
 
 def teacher_eval(config, graphdef, params, spec, info: dict, workdir: str) -> dict:
-  """The teacher's held-out evaluation under the run's protocol (cached by protocol)."""
+  """The teacher's held-out evaluation under the run's protocol, cached by protocol next
+  to a built teacher (so runs sharing it evaluate it once) or in the workdir."""
   e = config.eval
   protocol = {"episodes": e.episodes, "temperature": e.temperature, "seed": e.seed,
               "env": config.env.to_dict()}
-  cache_file = os.path.join(workdir, "teacher_eval.json")
+  cache_file = os.path.join(info.get("dir", workdir), "teacher_eval.json")
   if os.path.exists(cache_file):
     with open(cache_file) as f:
       cached = json.load(f)

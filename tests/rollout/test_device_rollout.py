@@ -78,3 +78,18 @@ def test_malformed_response_is_an_invalid_turn():
   state = hh.reset(SPEC.env, jax.random.key(0))
   assert bool(hh.step(SPEC.env, state, jnp.asarray(cmd[1]))[1].invalid)
   assert not bool(hh.step(SPEC.env, state, jnp.asarray(cmd[0]))[1].invalid)
+
+
+def test_expert_noise_keeps_random_commands_in_context_but_not_imitated():
+  run = jax.jit(lambda k, noise: rollout(None, SPEC, k, jax.random.key(4), sampling=None,
+                                         expert_noise=noise), static_argnums=1)
+  clean, noisy = run(_keys(64, 5), 0.0), run(_keys(64, 5), 0.5)
+  # every turn's response is in the context; only the expert's own commands are trained
+  resp_clean = np.asarray(clean.valid & (clean.turn_ids >= 0))
+  assert np.array_equal(resp_clean, np.asarray(clean.gen_mask))
+  turns_trained = [len(set(np.asarray(noisy.turn_ids[r])[np.asarray(noisy.gen_mask[r])]))
+                   for r in range(64)]
+  share = 1 - np.sum(turns_trained) / np.sum(np.asarray(noisy.num_turns))
+  assert 0.35 < share < 0.65, share  # about half the turns were random commands
+  assert np.all(np.asarray(noisy.gen_mask) <= np.asarray(noisy.valid))
+  assert float(jnp.mean(noisy.won)) > 0.5  # the expert recovers from most of them

@@ -68,6 +68,10 @@ def _wait_for_train_records(proc, workdir, n, timeout=600):
   raise AssertionError("timed out")
 
 
+# The tests that share the reference run go to one xdist worker (--dist loadgroup).
+trainer_group = pytest.mark.xdist_group("trainer")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run (it also builds the shared teacher)."""
@@ -78,10 +82,11 @@ def reference(tmp_path_factory):
   return root, teacher, ref, proc
 
 
+@trainer_group
 def test_uninterrupted_run_writes_everything(reference):
   _, teacher, ref, proc = reference
   for name in ("metrics.jsonl", "curves.png", "results.md", "summary.json", "config.json",
-               "teacher_eval.json", "student/model_config.json"):
+               "student/model_config.json"):
     assert os.path.exists(os.path.join(ref, name)), name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(ref, "tensorboard")))
   recs = _records(ref)
@@ -92,8 +97,10 @@ def test_uninterrupted_run_writes_everything(reference):
   assert kappa[0] == 1.0 and all(a > b for a, b in zip(kappa, kappa[1:]))  # annealing
   assert "| teacher |" in proc.stdout and "| student, step 6 (final) |" in proc.stdout
   assert os.path.exists(os.path.join(teacher, "info.json"))
+  assert os.path.exists(os.path.join(teacher, "teacher_eval.json"))
 
 
+@trainer_group
 def test_kill_9_then_resume_is_bit_identical(reference):
   root, teacher, ref, _ = reference
   work = str(root / "killed")
@@ -109,6 +116,7 @@ def test_kill_9_then_resume_is_bit_identical(reference):
     np.testing.assert_array_equal(a, b)
 
 
+@trainer_group
 def test_sigint_saves_and_exits_then_resumes(reference):
   root, teacher, ref, _ = reference
   work = str(root / "interrupted")
@@ -127,6 +135,7 @@ def test_sigint_saves_and_exits_then_resumes(reference):
   assert _records(work) == _records(ref)
 
 
+@trainer_group
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reference):
   root, teacher, _, _ = reference
   work = str(root / "nan")
