@@ -43,13 +43,13 @@ def get_config():
   )
   c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
   c.objective = dict(
-      estimator="grpo", tdur_mode="soft_or", schedule="linear", anneal_steps=30,
+      estimator="grpo", tdur_mode="soft_or", schedule="linear", anneal_steps=50,
       kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
       clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
       aggregation="seq_mean_token_mean")
   c.optim = dict(learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
                  max_grad_norm=1.0, minibatches=4, epochs=1)
-  c.train = dict(steps=60, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
+  c.train = dict(steps=100, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
   c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.debug = dict(nan_at_step=-1)  # fault injection for the tests: NaN loss at this step

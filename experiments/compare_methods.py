@@ -30,6 +30,8 @@ flags.mark_flag_as_required("workdir")
 
 def _mean_std(values):
   a = np.asarray(values, float)
+  if np.isnan(a).any():
+    return "-"
   return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
 
 
@@ -87,8 +89,9 @@ def main(argv):
         _mean_std([r["best_success"] for r in rs]),
         _mean_std([r["final"].get("greedy/success", np.nan) for r in rs]),
         _mean_std([r["final"]["eval/turns"] for r in rs])]) + " |")
+  greedy = teacher.get("greedy/success")
   lines.append(f"| teacher | {teacher['eval/success']:.3f} | - | "
-               f"{teacher.get('greedy/success', float('nan')):.3f} | {teacher['eval/turns']:.1f} |")
+               f"{'-' if greedy is None else f'{greedy:.3f}'} | {teacher['eval/turns']:.3f} |")
   first = results[methods[0]]
   lines.append(f"| student at step 0 | {_mean_std([r['step0']['eval/success'] for r in first])}"
                " | - | - | - |")

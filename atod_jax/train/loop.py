@@ -55,6 +55,13 @@ def _student(config, spec, say):
   return graphdef, params, cfg
 
 
+def _student_model_config(config):
+  if config.student.init in ("hf", "checkpoint"):
+    return agents.load_any(config.student.init, config.student.path,
+                           config.student.model.to_dict())[2]
+  return model_config(config.student.model)
+
+
 def _eval(config, graphdef, params, spec) -> dict:
   e = config.eval
   out = {f"eval/{k}": v for k, v in agents.evaluate(
@@ -92,7 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   """Runs (or resumes) the run in ``workdir``; returns the final summary dict.
 
   Writes ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``curves.png``,
-  ``results.md``, ``summary.json`` and ``student/`` (and ``student_hf/`` when the student
+  ``results.md``, ``summary.json``, ``student/`` (the final student), ``student_best/``
+  (the one with the best held-out success so far) and ``student_hf/`` (when the student
   came from an HF directory) into ``workdir``.
   """
   validate(config)
@@ -132,6 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   p_shard = state_shardings(state.params, mesh)
   state = state._replace(params=jax.device_put(state.params, p_shard))
   t_params = jax.device_put(t_params, state_shardings(t_params, mesh))
+  s_model_cfg = _student_model_config(config)
   log = logs.MetricsLog(workdir, latest)
   start_step = int(state.step)
   if start_step == 0:
@@ -200,7 +209,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
         log.write("train", step, metrics)
         done = step + 1
         if done % config.train.eval_every == 0 or done == steps:
-          log.write("eval", done, _eval(config, graphdef, state.params, spec))
+          result = _eval(config, graphdef, state.params, spec)
+          best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"),
+                     default=-1.0)
+          log.write("eval", done, result)
+          if result["eval/success"] >= best:  # the paper reports the best validation
+            agents.save_model(os.path.join(workdir, "student_best"), graphdef,
+                              jax.device_get(state.params), s_model_cfg,
+                              {"step": done, **result})
         if done % config.train.checkpoint_every == 0 or done == steps:
           save(done)
         bar.update(1)
@@ -238,15 +254,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     json.dump(summary, f, indent=1)
   log.close()
   final_params = jax.device_get(state.params)
-  agents.save_model(os.path.join(workdir, "student"), graphdef, final_params,
-                    model_config(config.student.model) if config.student.init not in
-                    ("hf", "checkpoint") else agents.load_any(
-                        config.student.init, config.student.path,
-                        config.student.model.to_dict())[2])
+  agents.save_model(os.path.join(workdir, "student"), graphdef, final_params, s_model_cfg)
   if config.student.init == "hf":
     from flax import nnx
     save_pretrained(nnx.merge(graphdef, final_params), os.path.join(workdir, "student_hf"),
                     tokenizer_dir=config.student.path)
   say("\n" + table)
-  say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/")
+  say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/, "
+      "student_best/")
   return summary

@@ -86,7 +86,7 @@ def reference(tmp_path_factory):
 def test_uninterrupted_run_writes_everything(reference):
   _, teacher, ref, proc = reference
   for name in ("metrics.jsonl", "curves.png", "results.md", "summary.json", "config.json",
-               "student/model_config.json"):
+               "student/model_config.json", "student_best/info.json"):
     assert os.path.exists(os.path.join(ref, name)), name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(ref, "tensorboard")))
   recs = _records(ref)
@@ -226,3 +226,40 @@ def test_sharded_update_equals_one_device():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
              zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
+
+
+@trainer_group
+def test_teacher_and_student_from_directories_and_hf_export(reference):
+  """A teacher from our checkpoint, a student from an HF directory: the run trains it and
+  exports it back to HF; the export equals the run's final student."""
+  from flax import nnx
+  from atod_jax.models import load_pretrained, save_pretrained
+  root, teacher, ref, _ = reference
+  graphdef, params, _ = agents.load_model(os.path.join(ref, "student"))
+  hf_dir = str(root / "student_hf_in")
+  save_pretrained(nnx.merge(graphdef, params), hf_dir)
+  work = str(root / "from_dirs")
+  _run(work, teacher, "--config.teacher.source=checkpoint", f"--config.teacher.path={teacher}",
+       "--config.student.init=hf", f"--config.student.path={hf_dir}", "--config.train.steps=2",
+       "--config.train.eval_every=2")
+  exported = load_pretrained(os.path.join(work, "student_hf"), dtype="float32")
+  final = agents.load_model(os.path.join(work, "student"))[1]
+  for a, b in zip(jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(final)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(params), jax.tree.leaves(final)))  # it trained
+
+
+@pytest.mark.slow  # ~4 min of compilation for the 8-device programs on 2 cores
+def test_the_loop_runs_on_8_devices(tmp_path):
+  """The whole loop with the batch sharded over a (data 4, fsdp 2) mesh of CPU devices."""
+  from atod_jax.train import train
+  assert len(jax.devices()) == 8
+  config = tiny_config.get_config()
+  config.train.update(steps=2, eval_every=2)
+  config.mesh.update(data=4, fsdp=2)
+  config.teacher.cache_dir = str(tmp_path / "teacher")
+  summary = train(config, str(tmp_path / "run"), quiet=True)
+  assert summary["steps"] == 2 and 0.0 <= summary["final"]["eval/success"] <= 1.0
+  graphdef, params, _ = agents.load_model(str(tmp_path / "run" / "student"))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
