@@ -81,6 +81,25 @@ def host_rate(params, batch, admissible):
   return steps * batch / (time.perf_counter() - t0)
 
 
+def searchqa_rates(workers: int, batch: int = 40, rounds: int = 3):
+  """Search-QA (HotpotQA sample, BM25) through the worker pool: reset seconds and
+  expert steps/s (a search, then an answer, per episode)."""
+  from atod_jax.envs import searchqa as sq
+  from atod_jax.envs.pool import EnvPool
+  factory = functools.partial(sq.hotpot_sample_env)
+  with EnvPool(factory, num_workers=workers, step_timeout=60.0) as pool:
+    resets, t_steps = [], 0.0
+    for r in range(rounds):
+      t0 = time.perf_counter()
+      out = pool.reset("train", [(r * batch + i) % 80 for i in range(batch)])
+      resets.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      while not out.dones.all():
+        out = pool.step(out.expert)
+      t_steps += time.perf_counter() - t0
+    return min(resets), 2 * batch * rounds / t_steps
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="medium", choices=("easy", "medium", "hard"))
@@ -103,6 +122,18 @@ def main():
   for b in (1, 16, 64):
     for adm in (False, True):
       print(f"| {b} | {'yes' if adm else 'no'} | {host_rate(params, b, adm):.0f} |")
+  try:
+    import bm25s  # noqa: F401  (the `search` extra)
+  except ImportError:
+    print("\nSearch-QA skipped: install the `search` extra (bm25s)")
+    return
+  print("\nSearch-QA (HotpotQA sample, 991 passages, BM25 top-3) through the worker pool, "
+        "40 episodes per batch, expert (search, then answer):\n")
+  print("| workers | reset (s) | steps/s |")
+  print("|---:|---:|---:|")
+  for w in (1, 2):
+    reset, rate = searchqa_rates(w)
+    print(f"| {w} | {reset:.3f} | {rate:.0f} |")
 
 
 if __name__ == "__main__":

@@ -263,3 +263,15 @@ def test_the_loop_runs_on_8_devices(tmp_path):
   assert summary["steps"] == 2 and 0.0 <= summary["final"]["eval/success"] <= 1.0
   graphdef, params, _ = agents.load_model(str(tmp_path / "run" / "student"))
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+@trainer_group
+def test_sft_baseline_trains_on_expert_episodes(reference):
+  root, teacher, ref, _ = reference
+  work = str(root / "sft")
+  _run(work, teacher, "--config.method=sft", "--config.train.steps=2",
+       "--config.train.eval_every=2")
+  train = [r for r in _records(work) if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [0, 1]
+  assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train)  # an NLL
+  assert "kappa" not in train[0]  # no teacher, no advantages
