@@ -117,3 +117,13 @@ def test_expert_through_the_pool_with_2_workers_and_into_the_dataset(tmp_path):
   got = decode_episode(src[0])
   assert got["actions"][0].startswith("<search>") and got["observations"][1].startswith(
       "<information>")
+
+
+@needs_data
+def test_the_papers_question_files_load():
+  path = os.path.join(sq.default_data_dir(), "searchqa", "deepresearcher", "test.jsonl")
+  questions = sq.load_questions(path)
+  assert len(questions) == 3197
+  assert all(q["question"] and q["answers"] for q in questions)
+  with pytest.raises(FileNotFoundError, match="question file not found"):
+    sq.load_questions(path + ".missing")
