@@ -50,18 +50,27 @@ def save_model(path: str, graphdef, params, cfg: ModelConfig, extra: dict | None
       json.dump(extra, f, indent=1)
 
 
-def load_model(path: str):
-  """``(graphdef, params, cfg)`` from a directory written by :func:`save_model`."""
-  path = os.path.abspath(os.path.expanduser(path))
+def _saved_config(path: str) -> ModelConfig:
   cfg_file = os.path.join(path, "model_config.json")
   if not os.path.exists(cfg_file):
     raise FileNotFoundError(f"{cfg_file} not found: not an atod_jax model checkpoint")
   with open(cfg_file) as f:
     fields = json.load(f)
-  for k, v in fields.items():
-    if isinstance(v, list):
-      fields[k] = tuple(v)
-  cfg = ModelConfig(**fields)
+  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def config_of(kind: str, path: str, model_fields: dict) -> ModelConfig:
+  """The :class:`ModelConfig` of an HF directory or our checkpoint, without its weights."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if kind == "hf":
+    return ModelConfig.from_pretrained(path, dtype=model_fields.get("dtype", "bfloat16"))
+  return _saved_config(path)
+
+
+def load_model(path: str):
+  """``(graphdef, params, cfg)`` from a directory written by :func:`save_model`."""
+  path = os.path.abspath(os.path.expanduser(path))
+  cfg = _saved_config(path)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, nnx.Rngs(0))))
   with ocp.StandardCheckpointer() as ckpt:
     params = ckpt.restore(os.path.join(path, "params"), abstract)

@@ -57,8 +57,8 @@ def _student(config, spec, say):
 
 def _student_model_config(config):
   if config.student.init in ("hf", "checkpoint"):
-    return agents.load_any(config.student.init, config.student.path,
-                           config.student.model.to_dict())[2]
+    return agents.config_of(config.student.init, config.student.path,
+                            config.student.model.to_dict())
   return model_config(config.student.model)
 
 
@@ -122,17 +122,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
   latest = manager.latest_step()
+  s_model_cfg = _student_model_config(config)
   if latest is None:
     graphdef, params, _ = _student(config, spec, say)
     state = init_state(params, tx)
-  else:
-    s_cfg = model_config(config.student.model) if config.student.init not in (
-        "hf", "checkpoint") else None
-    if s_cfg is None:
-      graphdef, params, _ = agents.load_any(config.student.init, config.student.path,
-                                            config.student.model.to_dict())
-    else:
-      graphdef, params = agents.fresh_model(s_cfg, config.seed, 1)
+  else:  # the structure from the config, the values from the checkpoint
+    graphdef, params = agents.fresh_model(s_model_cfg, config.seed, 1)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state(params, tx))
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     say(f"resuming from the checkpoint at step {latest} in {ckpt_dir}")
@@ -140,7 +135,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   p_shard = state_shardings(state.params, mesh)
   state = state._replace(params=jax.device_put(state.params, p_shard))
   t_params = jax.device_put(t_params, state_shardings(t_params, mesh))
-  s_model_cfg = _student_model_config(config)
   log = logs.MetricsLog(workdir, latest)
   start_step = int(state.step)
   if start_step == 0:
