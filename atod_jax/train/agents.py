@@ -129,5 +129,18 @@ def evaluate(graphdef, params, spec: HouseholdRollout, *, episodes: int, tempera
   return {k: sum(p[k] for p in parts) / episodes for k in parts[0]}
 
 
+def evaluate_protocol(eval_config, graphdef, params, spec: HouseholdRollout) -> dict:
+  """The run's evaluation: ``eval/*`` at the validation temperature and, when
+  ``eval_config.greedy``, ``greedy/*``; the same for student and teacher."""
+  e = eval_config
+  out = {f"eval/{k}": v for k, v in evaluate(
+      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
+      seed=e.seed).items()}
+  if e.greedy:
+    out.update({f"greedy/{k}": v for k, v in evaluate(
+        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+  return out
+
+
 def tree_allfinite(tree) -> bool:
   return bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)))

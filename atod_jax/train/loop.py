@@ -62,17 +62,6 @@ def _student_model_config(config):
   return model_config(config.student.model)
 
 
-def _eval(config, graphdef, params, spec) -> dict:
-  e = config.eval
-  out = {f"eval/{k}": v for k, v in agents.evaluate(
-      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
-      seed=e.seed).items()}
-  if e.greedy:
-    out.update({f"greedy/{k}": v for k, v in agents.evaluate(
-        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
-  return out
-
-
 class _Interrupt:
   """SIGINT / SIGTERM: finish the current step, save, exit."""
 
@@ -138,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   log = logs.MetricsLog(workdir, latest)
   start_step = int(state.step)
   if start_step == 0:
-    log.write("eval", 0, _eval(config, graphdef, state.params, spec))
+    log.write("eval", 0, agents.evaluate_protocol(config.eval, graphdef, state.params, spec))
 
   r, o, opt = config.rollout, config.objective, config.optim
   sched, tdur_mode = schedules(config)
@@ -203,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
         log.write("train", step, metrics)
         done = step + 1
         if done % config.train.eval_every == 0 or done == steps:
-          result = _eval(config, graphdef, state.params, spec)
+          result = agents.evaluate_protocol(config.eval, graphdef, state.params, spec)
           best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"),
                      default=-1.0)
           log.write("eval", done, result)

@@ -13,7 +13,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from tqdm.auto import tqdm
@@ -94,18 +93,13 @@ def teacher_eval(config, graphdef, params, spec, info: dict, workdir: str) -> di
   protocol = {"episodes": e.episodes, "temperature": e.temperature, "seed": e.seed,
               "env": config.env.to_dict()}
   cache_file = os.path.join(info.get("dir", workdir), "teacher_eval.json")
+  who = info.get("fingerprint", info.get("path"))
   if os.path.exists(cache_file):
     with open(cache_file) as f:
       cached = json.load(f)
-    if cached.get("protocol") == protocol and cached.get("teacher") == info.get("fingerprint", info.get("path")):
+    if cached.get("protocol") == protocol and cached.get("teacher") == who:
       return cached["metrics"]
-  metrics = {f"eval/{k}": v for k, v in agents.evaluate(
-      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
-      seed=e.seed).items()}
-  if e.greedy:
-    metrics.update({f"greedy/{k}": v for k, v in agents.evaluate(
-        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+  metrics = agents.evaluate_protocol(e, graphdef, params, spec)
   with open(cache_file, "w") as f:
-    json.dump({"protocol": protocol, "teacher": info.get("fingerprint", info.get("path")),
-               "metrics": metrics}, f, indent=1)
+    json.dump({"protocol": protocol, "teacher": who, "metrics": metrics}, f, indent=1)
   return metrics

@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from atod_jax.train import ConfigError, validate
