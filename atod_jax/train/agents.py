@@ -13,7 +13,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -140,7 +139,3 @@ def evaluate_protocol(eval_config, graphdef, params, spec: HouseholdRollout) -> 
     out.update({f"greedy/{k}": v for k, v in evaluate(
         graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
   return out
-
-
-def tree_allfinite(tree) -> bool:
-  return bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from atod_jax.envs.household import HouseholdParams
 from atod_jax.models.hf import save_pretrained
-from atod_jax.models.sharding import batch_sharding, make_mesh, shard_batch, state_shardings
+from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
 from atod_jax.rollout.device import HouseholdRollout
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
@@ -137,7 +137,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   adv_fn = jax.jit(functools.partial(
       advantages, sched=sched, tdur_mode=tdur_mode, estimator=o.estimator,
       num_groups=r.tasks_per_step, max_turns=spec.max_turns))
-  rows_sharding = batch_sharding(mesh, 1)
   demos = None
   if config.method == "sft":
     demos = pack(agents.expert_demos(spec, config.seed + 20_000, 4 * rows,
@@ -160,9 +159,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
         t0 = time.perf_counter()
         keys, groups = agents.task_keys(config.seed, agents.TASKS, step, r.tasks_per_step,
                                         r.group_size)
-        keys = jax.device_put(keys, rows_sharding)
+        keys, groups = shard_batch((keys, groups), mesh)
         traj = roll(state.params, keys, agents.draw(config.seed, agents.POLICY, step), groups)
-        metrics = {k: float(v) for k, v in summarize(traj).items()}
+        metrics = dict(summarize(traj), generated_tokens=traj.num_tokens)
         traj = shard_batch(trim(pack(traj)), mesh)  # the layout's padding dropped: same
         # math, shorter rows
         shuffle = agents.draw(config.seed, agents.SHUFFLE, step)
@@ -180,14 +179,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
               graphdef, tx, state, traj, adv, shuffle, minibatches=opt.minibatches,
               epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
               dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature)
-          metrics.update({k: float(v) for k, v in adv_metrics.items()})
-        metrics.update({k: float(v) for k, v in upd.items()})
-        if not np.isfinite(metrics["loss"]) or not agents.tree_allfinite(state.params):
+          metrics.update(adv_metrics)
+        metrics.update(upd)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer
+        # finite loss and gradients (before clipping) mean finite updated parameters
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
           raise TrainingDiverged(
               f"training diverged at step {step}: loss is {metrics['loss']}; the last good "
               f"checkpoint (step {last_saved}) in {ckpt_dir} is intact")
         seconds = time.perf_counter() - t0
-        metrics["tokens_per_s"] = float(traj.num_tokens) / seconds
+        metrics["tokens_per_s"] = metrics.pop("generated_tokens") / seconds
         metrics["step_seconds"] = seconds
         log.write("train", step, metrics)
         done = step + 1

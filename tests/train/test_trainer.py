@@ -249,7 +249,7 @@ def test_teacher_and_student_from_directories_and_hf_export(reference):
              zip(jax.tree.leaves(params), jax.tree.leaves(final)))  # it trained
 
 
-@pytest.mark.slow  # ~4 min of compilation for the 8-device programs on 2 cores
+@pytest.mark.slow  # ~4 min of compilation for the 8-device programs on 2 cores, cold
 def test_the_loop_runs_on_8_devices(tmp_path):
   """The whole loop with the batch sharded over a (data 4, fsdp 2) mesh of CPU devices."""
   from atod_jax.train import train
