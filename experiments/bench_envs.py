@@ -3,6 +3,7 @@ several batch sizes, and the same tasks through the host text protocol.
 
     python experiments/bench_envs.py
     python experiments/bench_envs.py --preset hard --batches 1024 16384 131072
+    python experiments/bench_envs.py --real-only   # ALFWorld, WebShop, Search-QA, TextWorld, ScienceWorld
 """
 from __future__ import annotations
 
@@ -81,37 +82,76 @@ def host_rate(params, batch, admissible):
   return steps * batch / (time.perf_counter() - t0)
 
 
-def searchqa_rates(workers: int, batch: int = 40, rounds: int = 3):
-  """Search-QA (HotpotQA sample, BM25) through the worker pool: reset seconds and
-  expert steps/s (a search, then an answer, per episode)."""
-  from atod_jax.envs import searchqa as sq
+def pool_rates(factory, split: str, ids: list[int], workers: int, rounds: int = 2):
+  """One environment through the worker pool with its expert: pool start-up seconds,
+  reset seconds per batch, expert steps/s (summed over live episodes)."""
   from atod_jax.envs.pool import EnvPool
-  factory = functools.partial(sq.hotpot_sample_env)
   t_start = time.perf_counter()
-  with EnvPool(factory, num_workers=workers, step_timeout=60.0) as pool:
-    start = time.perf_counter() - t_start  # worker processes up, BM25 index built
-    resets, t_steps = [], 0.0
-    for r in range(rounds):
+  with EnvPool(factory, num_workers=workers, step_timeout=300.0, start_timeout=600.0) as pool:
+    start = time.perf_counter() - t_start  # worker processes up, data / indexes loaded
+    resets, steps, t_steps = [], 0, 0.0
+    for _ in range(rounds):
       t0 = time.perf_counter()
-      out = pool.reset("train", [(r * batch + i) % 80 for i in range(batch)])
+      out = pool.reset(split, ids)
       resets.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
       while not out.dones.all():
-        out = pool.step(out.expert)
+        steps += int((~out.dones).sum())
+        out = pool.step([None if d else (e or "look") for d, e in zip(out.dones, out.expert)])
       t_steps += time.perf_counter() - t0
-    return start, min(resets), 2 * batch * rounds / t_steps
+    assert not out.aborted.any(), pool.stats
+    return start, min(resets), steps / t_steps, float(out.wons.mean())
+
+
+def real_envs():
+  """(name, factory, split, task ids, what) of each installed real environment."""
+  from atod_jax.envs import searchqa as sq
+  rows = []
+  try:
+    import bm25s  # noqa: F401
+    rows.append(("Search-QA", functools.partial(sq.hotpot_sample_env), "train",
+                 list(range(16)), "HotpotQA sample, BM25 top-3"))
+    import rapidfuzz  # noqa: F401
+    from atod_jax.envs import webshop as ws
+    rows.append(("WebShop", functools.partial(ws.webshop_env), "test", list(range(16)),
+                 "1k products, scripted buyer"))
+  except ImportError:
+    print("Search-QA / WebShop skipped: install the `search` and `webshop` extras")
+  try:
+    from atod_jax.envs import textgames as tg
+    import alfworld  # noqa: F401
+    env = tg.AlfWorldEnv()
+    types = env.task_types("valid_seen")
+    ids = [types.index(t) for t in tg.ALFWORLD_TASK_TYPES.values()]
+    rows.append(("ALFWorld", functools.partial(tg.alfworld_env), "valid_seen", ids + ids[:2],
+                 "one game per task type + 2, planner expert"))
+    rows.append(("TextWorld", functools.partial(tg.textworld_env), "train", list(range(8)),
+                 "tw-cooking 1 ingredient (cached games)"))
+  except (ImportError, FileNotFoundError) as e:
+    print(f"ALFWorld / TextWorld skipped: {e}")
+  try:
+    from atod_jax.envs import scienceworld as sw
+    rows.append(("ScienceWorld", functools.partial(
+        sw.scienceworld_env, tasks=("find-living-thing", "use-thermometer"), max_variations=4),
+        "train", list(range(8)), "2 tasks x 4 variations, gold paths"))
+  except ImportError:
+    print("ScienceWorld skipped: install the `scienceworld` extra")
+  return rows
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="medium", choices=("easy", "medium", "hard"))
   ap.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 65536])
+  ap.add_argument("--real-only", action="store_true", help="only the real environments")
   args = ap.parse_args()
   params = hh.HouseholdParams.preset(args.preset)
   dev = jax.devices()[0]
   print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}; preset "
         f"{args.preset} ({params.num_receptacles} receptacles, {params.num_objects} objects); "
         f"{TURNS} steps per timed call\n")
+  if args.real_only:
+    return real_table()
   print("| batch | step (steps/s) | step + observe | expert + step |")
   print("|---:|---:|---:|---:|")
   for b in args.batches:
@@ -124,18 +164,19 @@ def main():
   for b in (1, 16, 64):
     for adm in (False, True):
       print(f"| {b} | {'yes' if adm else 'no'} | {host_rate(params, b, adm):.0f} |")
-  try:
-    import bm25s  # noqa: F401  (the `search` extra)
-  except ImportError:
-    print("\nSearch-QA skipped: install the `search` extra (bm25s)")
-    return
-  print("\nSearch-QA (HotpotQA sample, 991 passages, BM25 top-3) through the worker pool, "
-        "40 episodes per batch, expert (search, then answer):\n")
-  print("| workers | pool start + index (s) | reset (ms) | steps/s |")
-  print("|---:|---:|---:|---:|")
-  for w in (1, 2):
-    start, reset, rate = searchqa_rates(w)
-    print(f"| {w} | {start:.2f} | {reset * 1e3:.2f} | {rate:.0f} |")
+  real_table()
+
+
+def real_table():
+  print("\nReal environments through the worker pool (expert play; reset = one batch; "
+        "steps/s summed over episodes):\n")
+  print("| env | what | episodes | workers | pool start (s) | reset (s) | steps/s | expert won |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|")
+  for name, factory, split, ids, what in real_envs():
+    for w in (1, 2):
+      start, reset, rate, won = pool_rates(factory, split, ids, w)
+      print(f"| {name} | {what} | {len(ids)} | {w} | {start:.1f} | {reset:.2f} | {rate:.0f} | "
+            f"{won:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
