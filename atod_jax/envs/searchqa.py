@@ -14,7 +14,8 @@ retrieval API (``POST {"queries", "topk", "return_scores"}`` -> ``{"result": [[{
 {"contents": ...}, "score": ...}]]}``), e.g. an E5 index over Wikipedia.
 
 Question sets: :func:`load_questions` reads the JSONL files of the paper's seven
-benchmarks (``{"question", "golden_answers"}``) or a HotpotQA JSON list, and
+benchmarks (``{"question", "golden_answers"}``) or a HotpotQA JSON list,
+:func:`questions_from_tfds` reads a TFDS dataset prepared as array_record, and
 :func:`hotpot_corpus` turns the HotpotQA sample's context paragraphs into a corpus in
 which every answer can be found. The expert (for demonstrations) searches the question
 once, then answers the first gold answer.
@@ -96,6 +97,48 @@ def load_questions(path: str) -> list[dict]:
                 "answers": list(answers),
                 "supporting_titles": sorted(set(_field(r["supporting_facts"])["title"]))
                 if "supporting_facts" in r else []})
+  return out
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _answer_list(value) -> list[str]:
+  """Answers from TFDS answer fields: a string, a list of strings, or a dict with
+  ``aliases`` / ``value`` / ``text`` (TriviaQA, SQuAD-style) fields."""
+  if isinstance(value, dict):
+    for key in ("aliases", "value", "text", "answers"):
+      if key in value and len(value[key]):
+        return _answer_list(value[key])
+    return []
+  if isinstance(value, (bytes, str)):
+    return [_text(value)]
+  return [_text(v) for v in np.asarray(value).ravel().tolist()]
+
+
+def questions_from_tfds(dataset: str, split: str, *, data_dir: str | None = None,
+                        question_key: str = "question", answer_key: str = "answer",
+                        limit: int | None = None) -> list[dict]:
+  """Questions from a TFDS dataset prepared in the array_record format (read with TFDS
+  data sources, no TensorFlow): ``dataset`` is a registered name (e.g.
+  ``"trivia_qa/rc.nocontext"``, found in ``data_dir``) or the directory of a prepared
+  dataset version. Answers may be a string, a list, or a dict with ``aliases`` /
+  ``value`` / ``text``."""
+  import tensorflow_datasets as tfds  # the `data` extra
+  if os.path.isdir(os.path.expanduser(dataset)):
+    source = tfds.builder_from_directory(os.path.expanduser(dataset)).as_data_source(split=split)
+  else:
+    source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+  out = []
+  for i in range(len(source) if limit is None else min(limit, len(source))):
+    record = source[i]
+    if question_key not in record or answer_key not in record:
+      raise KeyError(f"{dataset}: records have {sorted(record)}; pass question_key / answer_key")
+    answers = _answer_list(record[answer_key])
+    if answers:
+      out.append({"id": _text(record.get("id", i)), "question": _text(record[question_key]).strip(),
+                  "answers": answers, "supporting_titles": []})
   return out
 
 

@@ -127,3 +127,37 @@ def test_the_papers_question_files_load():
   assert all(q["question"] and q["answers"] for q in questions)
   with pytest.raises(FileNotFoundError, match="question file not found"):
     sq.load_questions(path + ".missing")
+
+
+def test_questions_from_a_tfds_array_record_dataset(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyTriviaQa(tfds.core.GeneratorBasedBuilder):  # TriviaQA's answer layout
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+          "question": tfds.features.Text(),
+          "answer": {"value": tfds.features.Text(),
+                     "aliases": tfds.features.Sequence(tfds.features.Text())}}))
+
+    def _split_generators(self, dl_manager):
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"question": "Who wrote Hamlet?", "answer": {"value": "Shakespeare",
+                "aliases": ["Shakespeare", "William Shakespeare"]}}
+      yield 1, {"question": "Capital of France?", "answer": {"value": "Paris", "aliases": []}}
+
+  builder = TinyTriviaQa(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  questions = sq.questions_from_tfds(builder.data_dir, "validation")
+  by_q = {q["question"]: q["answers"] for q in questions}
+  assert by_q == {"Who wrote Hamlet?": ["Shakespeare", "William Shakespeare"],
+                  "Capital of France?": ["Paris"]}
+  env = sq.SearchQAEnv({"validation": questions}, retriever=None)
+  env.reset("validation", [0, 1])
+  gold = [f"<answer>{q['answers'][-1]}</answer>" for q in env._items]
+  assert env.step(gold).wons.all()
+  with pytest.raises(KeyError, match="question_key"):
+    sq.questions_from_tfds(builder.data_dir, "validation", question_key="query")
