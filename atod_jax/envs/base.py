@@ -41,3 +41,6 @@ class BatchedEnv(Protocol):
 
   def close(self) -> None:
     """Frees processes / files."""
+
+  # Optional: ``num_tasks(split) -> int``, the number of task ids of a split (the real
+  # environments have it; the trainer draws task ids from it).

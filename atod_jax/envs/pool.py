@@ -228,6 +228,20 @@ class EnvPool:
     self._last = batch
     return batch
 
+  def call(self, method: str, *args):
+    """``getattr(env, method)(*args)`` on worker 0 (a question about the environment,
+    e.g. ``num_tasks(split)``); raises if it fails."""
+    self._workers[0].conn.send((method, args))
+    if not self._workers[0].conn.poll(self.step_timeout):
+      raise RuntimeError(f"env worker 0 did not answer {method}")
+    status, payload = self._workers[0].conn.recv()
+    if status != "ok":
+      raise RuntimeError(payload)
+    return payload
+
+  def num_tasks(self, split: str) -> int:
+    return self.call("num_tasks", split)
+
   @property
   def worker_pids(self) -> list[int]:
     return [w.pid for w in self._workers]

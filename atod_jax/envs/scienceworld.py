@@ -69,6 +69,9 @@ class ScienceWorldEnv:
       self._variations[split] = pairs
     return self._variations[split]
 
+  def num_tasks(self, split: str) -> int:
+    return len(self.variations(split))
+
   def _slot(self, i: int):
     while len(self._slots) <= i:
       self._slots.append(self._new_sim())

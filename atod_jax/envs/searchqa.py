@@ -233,6 +233,11 @@ class SearchQAEnv:
     self.max_turns = max_turns
     self._items: list[dict] = []
 
+  def num_tasks(self, split: str) -> int:
+    if split not in self.splits:
+      raise ValueError(f"split must be one of {tuple(self.splits)}, got {split!r}")
+    return len(self.splits[split])
+
   def _batch(self, observations, rewards, infos) -> Batch:
     done = self._done.copy()
     expert = [None if d else (f"<search>{q['question']}</search>" if t == 0 else
@@ -322,3 +327,27 @@ def hotpot_sample_env(worker_index: int = 0, *, path: str | None = None, heldout
   questions = load_questions(path)
   splits = {"train": questions[:-heldout], "heldout": questions[-heldout:]}
   return SearchQAEnv(splits, BM25Retriever(hotpot_corpus(path)), topk, max_turns)
+
+
+def searchqa_env(worker_index: int = 0, *, questions: dict | None = None, retriever_url: str = "",
+                 corpus: str = "", path: str = "", heldout: int = 20, topk: int = 3,
+                 max_turns: int = 4) -> SearchQAEnv:
+  """The trainer's Search-QA factory (also an :class:`~atod_jax.envs.pool.EnvPool` one).
+
+  With ``questions`` (split -> question file, e.g. the paper's
+  ``deepresearcher/{test,dev}.jsonl``): those splits, searched through
+  ``retriever_url`` (a Search-R1 retrieval server, e.g. an E5 Wikipedia index) or a BM25
+  index over ``corpus`` (a HotpotQA JSON file whose paragraphs form the corpus).
+  Without: the HotpotQA sample (:func:`hotpot_sample_env`, ``path`` to override)."""
+  if not questions:
+    return hotpot_sample_env(worker_index, path=path or None, heldout=heldout, topk=topk,
+                             max_turns=max_turns)
+  splits = {k: load_questions(v) for k, v in dict(questions).items()}
+  if retriever_url:
+    retriever = HTTPRetriever(retriever_url)
+  elif corpus:
+    retriever = BM25Retriever(hotpot_corpus(corpus))
+  else:
+    raise ValueError("searchqa_env: give retriever_url (a Search-R1 retrieval server) or "
+                     "corpus (a HotpotQA JSON file) with questions")
+  return SearchQAEnv(splits, retriever, topk, max_turns)

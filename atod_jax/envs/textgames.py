@@ -16,8 +16,10 @@ happens." or its parser's complaint) and is flagged ``info["invalid"]``.
   cool, pick2) for per-type results (:func:`success_by_type`).
 * :class:`TextWorldEnv` plays games generated offline with ``tw-make`` (the ``textworld``
   extra), cached on disk by (kind, options, seed) so a seed is generated once. The
-  expert is TextWorld's ``policy_commands``. The ASCII banner and the status line are
-  stripped from observations.
+  expert follows the game's walkthrough (it reads the cookbook, so what the recipe needs
+  is in the context for a clone to learn from) and, after the agent leaves it,
+  TextWorld's ``policy_commands``. The ASCII banner and the status line are stripped
+  from observations.
 """
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ class _TextGameEnv:
   # ---- hooks
   def game_files(self, split: str) -> list[str]:
     raise NotImplementedError
+
+  def num_tasks(self, split: str) -> int:
+    return len(self.game_files(split))
 
   def _request_infos(self):
     raise NotImplementedError
@@ -382,7 +387,7 @@ class TextWorldEnv(_TextGameEnv):
   def _request_infos(self):
     return self._tw.EnvInfos(won=True, lost=True, admissible_commands=True,
                              policy_commands=True, objective=True, score=True,
-                             max_score=True)
+                             max_score=True, extras=["walkthrough"])
 
   def _clean(self, text):
     return strip_textworld(text)
@@ -392,14 +397,23 @@ class TextWorldEnv(_TextGameEnv):
 
   def _on_reset(self, i, state):
     self._last = getattr(self, "_last", [])
+    self._plans = getattr(self, "_plans", [])
     while len(self._last) <= i:
       self._last.append(None)
+      self._plans.append([])
     self._last[i] = state
+    self._plans[i] = list(state["extra.walkthrough"] or [])
 
   def _on_step(self, i, action, state):
     self._last[i] = state
+    plan = self._plans[i]
+    self._plans[i] = plan[1:] if plan and plan[0] == action else []
 
   def _expert(self, i):
+    # the walkthrough while the agent follows it (it reads the cookbook, so what the
+    # recipe needs is in the context); after a detour, the game's policy_commands
+    if self._plans[i]:
+      return self._plans[i][0]
     plan = self._last[i]["policy_commands"]
     return plan[0] if plan else None
 

@@ -300,6 +300,11 @@ class WebShopEnv:
   def splits(self) -> dict[str, int]:
     return {k: len(v) for k, v in self.catalogue.goals.items()}
 
+  def num_tasks(self, split: str) -> int:
+    if split not in self.catalogue.goals:
+      raise ValueError(f"split must be one of {tuple(self.catalogue.goals)}, got {split!r}")
+    return len(self.catalogue.goals[split])
+
   # ---- pages
   def _clickables(self, s: _Session) -> list[str]:
     if s.page == "results":

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from atod_jax.envs import household as hh
 from atod_jax.models.decoder import DecoderLM, KVCache
-from atod_jax.rollout.trajectory import Trajectory
+from atod_jax.rollout.trajectory import Trajectory, assemble
 from atod_jax.sampling.generate import SamplingParams, append_tokens, decode_loop
 
 
@@ -153,25 +153,6 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
 
   (state, _, _), rec = jax.lax.scan(turn, (state, cache, logits), jnp.arange(spec.max_turns))
   resp, resp_valid, imitate, resp_logp, obs, obs_valid, reward, invalid = rec  # [K, B, ...]
-  kk = spec.max_turns
-
-  def lay(r, o):  # [K, B, M], [K, B, O] -> [B, K * (M + O)]
-    return jnp.concatenate([r, o], axis=-1).transpose(1, 0, 2).reshape(b, -1)
-
-  turn_of = jnp.broadcast_to(jnp.arange(kk)[:, None, None], resp.shape)
-  tokens = jnp.concatenate([prompt, lay(resp, obs)], axis=1)
-  valid = jnp.concatenate([prompt_valid, lay(resp_valid, obs_valid)], axis=1)
-  gen = jnp.concatenate([jnp.zeros_like(prompt_valid), lay(imitate, jnp.zeros_like(obs_valid))],
-                        axis=1)
-  turn_ids = jnp.concatenate([jnp.full(prompt.shape, -1, jnp.int32),
-                              lay(turn_of, jnp.full(obs.shape, -1, jnp.int32))], axis=1)
-  logp = jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32),
-                          lay(resp_logp, jnp.zeros(obs.shape, jnp.float32))], axis=1)
-  return Trajectory(
-      tokens=tokens.astype(jnp.int32), valid=valid, gen_mask=gen,
-      turn_ids=jnp.where(gen, turn_ids, -1), behaviour_logp=jnp.where(gen, logp, 0.0),
-      rewards=jnp.sum(reward, axis=0), won=state.won, num_turns=state.turn,
-      invalid=jnp.sum(invalid, axis=0, dtype=jnp.int32),
-      group_ids=(jnp.arange(b, dtype=jnp.int32) if group_ids is None
-                 else group_ids.astype(jnp.int32)),
-      row_valid=jnp.ones((b,), bool))
+  return assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
+                  rewards=jnp.sum(reward, axis=0), won=state.won, num_turns=state.turn,
+                  invalid=jnp.sum(invalid, axis=0, dtype=jnp.int32), group_ids=group_ids)

@@ -34,6 +34,43 @@ class Trajectory(NamedTuple):
     return jnp.sum(self.gen_mask)
 
 
+def assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid, *,
+             rewards, won, num_turns, invalid, group_ids=None, row_valid=None) -> Trajectory:
+  """A :class:`Trajectory` from per-turn pieces, in the layout every rollout shares::
+
+      [ prompt (P) | resp 0 (M) | obs 0 (O) | resp 1 | obs 1 | ... | resp K-1 | obs K-1 ]
+
+  ``prompt*`` are ``[B, P]``; ``resp``, ``resp_valid``, ``imitate`` (the tokens to train
+  on), ``resp_logp`` are ``[K, B, M]``; ``obs*`` ``[K, B, O]``; the rest ``[B]``.
+  Traceable, and also takes numpy arrays (the host rollout)."""
+  resp, resp_valid, imitate, resp_logp, obs, obs_valid = map(
+      jnp.asarray, (resp, resp_valid, imitate, resp_logp, obs, obs_valid))
+  prompt, prompt_valid = jnp.asarray(prompt), jnp.asarray(prompt_valid)
+  kk, b = resp.shape[0], resp.shape[1]
+
+  def lay(r, o):  # [K, B, M], [K, B, O] -> [B, K * (M + O)]
+    return jnp.concatenate([r, o], axis=-1).transpose(1, 0, 2).reshape(b, -1)
+
+  turn_of = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32)[:, None, None], resp.shape)
+  tokens = jnp.concatenate([prompt, lay(resp, obs)], axis=1)
+  valid = jnp.concatenate([prompt_valid, lay(resp_valid, obs_valid)], axis=1)
+  gen = jnp.concatenate([jnp.zeros_like(prompt_valid), lay(imitate, jnp.zeros_like(obs_valid))],
+                        axis=1)
+  turn_ids = jnp.concatenate([jnp.full(prompt.shape, -1, jnp.int32),
+                              lay(turn_of, jnp.full(obs.shape, -1, jnp.int32))], axis=1)
+  logp = jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32),
+                          lay(resp_logp.astype(jnp.float32), jnp.zeros(obs.shape, jnp.float32))],
+                         axis=1)
+  return Trajectory(
+      tokens=tokens.astype(jnp.int32), valid=valid, gen_mask=gen,
+      turn_ids=jnp.where(gen, turn_ids, -1), behaviour_logp=jnp.where(gen, logp, 0.0),
+      rewards=jnp.asarray(rewards, jnp.float32), won=jnp.asarray(won, bool),
+      num_turns=jnp.asarray(num_turns, jnp.int32), invalid=jnp.asarray(invalid, jnp.int32),
+      group_ids=(jnp.arange(b, dtype=jnp.int32) if group_ids is None
+                 else jnp.asarray(group_ids, jnp.int32)),
+      row_valid=jnp.ones((b,), bool) if row_valid is None else jnp.asarray(row_valid, bool))
+
+
 def summarize(traj: Trajectory) -> dict[str, jax.Array]:
   """Scalar rollout metrics (means over valid rows)."""
   w = traj.row_valid.astype(jnp.float32)

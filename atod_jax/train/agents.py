@@ -128,14 +128,14 @@ def evaluate(graphdef, params, spec: HouseholdRollout, *, episodes: int, tempera
   return {k: sum(p[k] for p in parts) / episodes for k in parts[0]}
 
 
-def evaluate_protocol(eval_config, graphdef, params, spec: HouseholdRollout) -> dict:
-  """The run's evaluation: ``eval/*`` at the validation temperature and, when
-  ``eval_config.greedy``, ``greedy/*``; the same for student and teacher."""
+def evaluate_protocol(eval_config, graphdef, params, tasks) -> dict:
+  """The run's evaluation on ``tasks`` (see ``atod_jax.train.tasks``): ``eval/*`` at the
+  validation temperature and, when ``eval_config.greedy``, ``greedy/*``; the same for
+  student and teacher."""
   e = eval_config
-  out = {f"eval/{k}": v for k, v in evaluate(
-      graphdef, params, spec, episodes=e.episodes, temperature=e.temperature,
-      seed=e.seed).items()}
+  out = {f"eval/{k}": v for k, v in tasks.evaluate(
+      graphdef, params, episodes=e.episodes, temperature=e.temperature, seed=e.seed).items()}
   if e.greedy:
-    out.update({f"greedy/{k}": v for k, v in evaluate(
-        graphdef, params, spec, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+    out.update({f"greedy/{k}": v for k, v in tasks.evaluate(
+        graphdef, params, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
   return out

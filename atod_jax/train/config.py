@@ -19,7 +19,10 @@ from atod_jax.objectives.schedules import annealing_schedules
 METHODS = ("atod", "opd", "grpo", "sft", "atod_fixed", "atod_uniform")
 STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
 TEACHER_SOURCES = ("build", "hf", "checkpoint")
-ENV_KINDS = ("household",)
+ENV_KINDS = ("household", "alfworld", "webshop", "searchqa", "textworld", "scienceworld")
+TEXT_EXTRAS = {"alfworld": ("alfworld", "alfworld"), "webshop": ("rapidfuzz", "webshop"),
+               "searchqa": ("bm25s", "search"), "textworld": ("textworld", "textworld"),
+               "scienceworld": ("scienceworld", "scienceworld")}
 PRESETS = ("easy", "medium", "hard")
 
 
@@ -58,7 +61,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(section in config, section, "missing section")
   _choice(config, "method", METHODS)
   _choice(config, "env.kind", ENV_KINDS)
-  _choice(config, "env.preset", PRESETS)
+  household = config.env.kind == "household"
+  if household:
+    _choice(config, "env.preset", PRESETS)
+  else:
+    _validate_text_env(config)
   _positive(config, "env.obs_len")
   _positive(config, "train.steps", zero_ok=True)
   for f in ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -95,17 +102,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
             f"{kind} directory {path!r} does not exist")
   for who in ("student", "teacher"):
+    if config[who].get("init", config[who].get("source")) in ("hf", "checkpoint"):
+      continue  # the shape comes from the directory
     try:
       cfg = model_config(config[who].model)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config.{who}.model: {e}") from None
-    _need(cfg.vocab_size >= 89, f"{who}.model.vocab_size",
-          f"the household vocabulary has 89 words; got {cfg.vocab_size}")
-  try:
-    HouseholdParams.preset(config.env.preset)
-  except ValueError as e:
-    raise ConfigError(f"config.env.preset: {e}") from None
+    if household:
+      _need(cfg.vocab_size >= 89, f"{who}.model.vocab_size",
+            f"the household vocabulary has 89 words; got {cfg.vocab_size}")
+    elif config.env.tokenizer == "build" and config[who].get("init", config[who].get(
+        "source")) in ("fresh", "sft", "build"):
+      _need(cfg.vocab_size >= config.env.vocab_size, f"{who}.model.vocab_size",
+            f"must hold the env.vocab_size={config.env.vocab_size} tokens of the built "
+            f"tokenizer; got {cfg.vocab_size}")
+  if household:
+    try:
+      HouseholdParams.preset(config.env.preset)
+    except ValueError as e:
+      raise ConfigError(f"config.env.preset: {e}") from None
   _need(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 or > 0")
+
+
+def _validate_text_env(config) -> None:
+  e = config.env
+  for f in ("max_turns", "prompt_len", "response_len", "workers", "eval_batch",
+            "step_timeout"):
+    _need(f in e, f"env.{f}", f"missing (needed for env.kind={e.kind!r})")
+    _positive(config, f"env.{f}")
+  _need(e.response_len >= 2, "env.response_len", f"must be >= 2 (a command and <eos>), "
+        f"got {e.response_len}")
+  for f in ("train_split", "eval_split", "tokenizer"):
+    _need(isinstance(e.get(f), str) and e.get(f), f"env.{f}", "must be a non-empty string")
+  _need("options" in e, "env.options", "missing (a dict of the environment's arguments)")
+  if e.tokenizer == "build":
+    _positive(config, "env.vocab_size")
+    _positive(config, "env.tokenizer_episodes")
+  elif e.tokenizer == "student":
+    _need(config.student.init == "hf", "env.tokenizer",
+          f"'student' takes the tokenizer of an HF student (student.init='hf'), but "
+          f"student.init is {config.student.init!r}")
+  else:
+    path = os.path.expanduser(e.tokenizer)
+    _need(os.path.isfile(os.path.join(path, "tokenizer.json")), "env.tokenizer",
+          f"'build', 'student' or a directory with tokenizer.json; {e.tokenizer!r} has none")
+  module, extra = TEXT_EXTRAS[e.kind]
+  try:
+    __import__(module)
+  except ImportError:
+    raise ConfigError(f"config.env.kind: {e.kind!r} needs the {extra!r} extra "
+                      f"(pip install -e \".[{extra}]\")") from None
 
 
 def schedules(config):

@@ -19,19 +19,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from atod_jax.envs.household import HouseholdParams
 from atod_jax.models.hf import save_pretrained
 from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
-from atod_jax.rollout.device import HouseholdRollout
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
 from atod_jax.train import agents, logs
 from atod_jax.train.config import model_config, schedules, validate
 from atod_jax.train.steps import (
-    advantages, init_state, jit_policy_update, jit_score, jit_sft_update, make_optimizer)
+    TrainState, advantages, init_state, jit_policy_update, jit_score, jit_sft_update, make_optimizer)
+from atod_jax.train.tasks import make_tasks
 from atod_jax.train.teacher import behaviour_clone, get_teacher, teacher_eval
 
 
@@ -39,7 +40,7 @@ class TrainingDiverged(RuntimeError):
   """The loss or the parameters became non-finite."""
 
 
-def _student(config, spec, say):
+def _student(config, tasks, say):
   s = config.student
   if s.init in ("hf", "checkpoint"):
     graphdef, params, cfg = agents.load_any(s.init, s.path, s.model.to_dict())
@@ -48,7 +49,7 @@ def _student(config, spec, say):
   cfg = model_config(s.model)
   graphdef, params = agents.fresh_model(cfg, config.seed, 1)
   if s.init == "sft":
-    params = behaviour_clone(graphdef, params, spec, episodes=s.sft.demo_episodes,
+    params = behaviour_clone(graphdef, params, tasks, episodes=s.sft.demo_episodes,
                              steps=s.sft.steps, batch_size=s.sft.batch_size,
                              learning_rate=s.sft.learning_rate, seed=config.seed + 10_000,
                              desc="student warm start", noise=s.sft.expert_noise)
@@ -100,9 +101,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     f.write(config.to_json_best_effort(indent=1))
   m = config.mesh
   mesh = make_mesh(m.data, m.fsdp, m.tensor)
-  spec = HouseholdRollout(HouseholdParams.preset(config.env.preset), config.env.obs_len)
-  t_graph, t_params, _, t_info = get_teacher(config, spec, workdir, say)
-  teacher_metrics = teacher_eval(config, t_graph, t_params, spec, t_info, workdir)
+  tasks = make_tasks(config, workdir, mesh, say)
+  try:
+    return _train(config, workdir, say, quiet, mesh, tasks)
+  finally:
+    tasks.close()
+
+
+def _train(config, workdir, say, quiet, mesh, tasks) -> dict:
+  t_graph, t_params, _, t_info = get_teacher(config, tasks, workdir, say)
+  teacher_metrics = teacher_eval(config, t_graph, t_params, tasks, t_info, workdir)
   say(f"teacher: held-out success {teacher_metrics['eval/success']:.3f} "
       f"(T={config.eval.temperature})")
 
@@ -113,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   latest = manager.latest_step()
   s_model_cfg = _student_model_config(config)
   if latest is None:
-    graphdef, params, _ = _student(config, spec, say)
+    graphdef, params, _ = _student(config, tasks, say)
     state = init_state(params, tx)
   else:  # the structure from the config, the values from the checkpoint
     graphdef, params = agents.fresh_model(s_model_cfg, config.seed, 1)
@@ -121,26 +129,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     say(f"resuming from the checkpoint at step {latest} in {ckpt_dir}")
   # Place the state on the mesh: parameters by the logical-axis rules, the rest alike.
+  # The optimizer's copies of the parameter tree (moments) follow the parameters;
+  # everything else in its state (counts) is replicated.
   p_shard = state_shardings(state.params, mesh)
-  state = state._replace(params=jax.device_put(state.params, p_shard))
+  like_params = jax.tree.unflatten(jax.tree.structure(state.params), jax.tree.leaves(p_shard))
+  o_shard = optax.tree_utils.tree_map_params(
+      tx, lambda _, sh: sh, state.opt_state, like_params,
+      transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+  state = TrainState(jax.device_put(state.params, p_shard),
+                     jax.device_put(state.opt_state, o_shard),
+                     jax.device_put(state.step, NamedSharding(mesh, PartitionSpec())))
   t_params = jax.device_put(t_params, state_shardings(t_params, mesh))
   log = logs.MetricsLog(workdir, latest)
   start_step = int(state.step)
   if start_step == 0:
-    log.write("eval", 0, agents.evaluate_protocol(config.eval, graphdef, state.params, spec))
+    log.write("eval", 0, agents.evaluate_protocol(config.eval, graphdef, state.params, tasks))
 
   r, o, opt = config.rollout, config.objective, config.optim
   sched, tdur_mode = schedules(config)
   rows = r.tasks_per_step * r.group_size
   sampling = SamplingParams(temperature=r.temperature)
-  roll = agents.rollout_fn(graphdef, spec, "train", sampling)
   adv_fn = jax.jit(functools.partial(
       advantages, sched=sched, tdur_mode=tdur_mode, estimator=o.estimator,
-      num_groups=r.tasks_per_step, max_turns=spec.max_turns))
+      num_groups=r.tasks_per_step, max_turns=tasks.max_turns))
   demos = None
   if config.method == "sft":
-    demos = pack(agents.expert_demos(spec, config.seed + 20_000, 4 * rows,
-                                      config.student.sft.expert_noise))
+    demos = pack(tasks.expert_demos(config.seed + 20_000, 4 * rows,
+                                    config.student.sft.expert_noise))
   steps = config.train.steps
   bar = tqdm(total=steps, initial=start_step, desc=config.method, unit="step",
              dynamic_ncols=True, disable=quiet)
@@ -157,10 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     with _Interrupt() as stop:
       for step in range(start_step, steps):
         t0 = time.perf_counter()
-        keys, groups = agents.task_keys(config.seed, agents.TASKS, step, r.tasks_per_step,
-                                        r.group_size)
-        keys, groups = shard_batch((keys, groups), mesh)
-        traj = roll(state.params, keys, agents.draw(config.seed, agents.POLICY, step), groups)
+        traj = tasks.train_batch(graphdef, state.params, step, sampling)
         metrics = dict(summarize(traj), generated_tokens=traj.num_tokens)
         traj = shard_batch(trim(pack(traj)), mesh)  # the layout's padding dropped: same
         # math, shorter rows
@@ -193,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
         log.write("train", step, metrics)
         done = step + 1
         if done % config.train.eval_every == 0 or done == steps:
-          result = agents.evaluate_protocol(config.eval, graphdef, state.params, spec)
+          result = agents.evaluate_protocol(config.eval, graphdef, state.params, tasks)
           best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"),
                      default=-1.0)
           log.write("eval", done, result)
@@ -222,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
         "again to resume")
     return {"interrupted": True, "step": int(state.step)}
 
-  title = (f"{config.method} on household-{config.env.preset}, seed {config.seed}")
+  title = f"{config.method} on {tasks.name}, seed {config.seed}"
   try:
     logs.plot(log, teacher_metrics, os.path.join(workdir, "curves.png"), title)
   except ImportError:  # a dependency, but a broken install should not lose the results

@@ -17,20 +17,24 @@ import ml_collections
 import optax
 from tqdm.auto import tqdm
 
-from atod_jax.rollout.device import HouseholdRollout
 from atod_jax.rollout.trajectory import pack, trim
 from atod_jax.train import agents
 from atod_jax.train.config import model_config
 from atod_jax.train.steps import init_state, jit_sft_update
 
 
-def behaviour_clone(graphdef, params, spec: HouseholdRollout, *, episodes: int, steps: int,
+def behaviour_clone(graphdef, params, tasks, *, episodes: int, steps: int,
                     batch_size: int, learning_rate: float, seed: int, desc: str,
                     noise: float = 0.0):
-  """``steps`` SFT updates on mini-batches of ``episodes`` expert episodes."""
+  """``steps`` SFT updates on mini-batches of ``episodes`` expert episodes of ``tasks``
+  (see ``atod_jax.train.tasks``)."""
   if steps == 0:
     return params
-  demos = pack(agents.expert_demos(spec, seed, episodes, noise))
+  demos = pack(tasks.expert_demos(seed, episodes, noise))
+  valid = jax.device_get(demos.row_valid)
+  if not valid.all():  # episodes lost to an environment failure are not demonstrations
+    demos = jax.tree.map(lambda x: x[valid], demos)
+    episodes = int(valid.sum())
   # warm-up then cosine decay: a constant rate leaves the clone's success swinging by tens
   # of points from one step to the next
   tx = optax.adam(optax.warmup_cosine_decay_schedule(
@@ -53,8 +57,7 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict:
           "env": config.env.to_dict()}
 
 
-def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workdir: str,
-                say=print):
+def get_teacher(config: ml_collections.ConfigDict, tasks, workdir: str, say=print):
   """``(graphdef, params, cfg, info)`` of the frozen teacher; ``info`` holds how it was
   made and its evaluation (computed once and cached with it)."""
   t = config.teacher
@@ -78,7 +81,7 @@ def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workd
   graphdef, params = agents.fresh_model(cfg, b.seed)
   say(f"teacher: building ({cfg.num_layers} layers, hidden {cfg.hidden_size}) by behaviour "
       f"cloning on {b.demo_episodes} expert episodes for {b.sft_steps} steps")
-  params = behaviour_clone(graphdef, params, spec, episodes=b.demo_episodes, steps=b.sft_steps,
+  params = behaviour_clone(graphdef, params, tasks, episodes=b.demo_episodes, steps=b.sft_steps,
                            batch_size=b.batch_size, learning_rate=b.learning_rate, seed=b.seed,
                            desc="teacher", noise=b.expert_noise)
   info = {"source": "build", "fingerprint": fingerprint, "build_seconds": time.time() - start}
@@ -86,7 +89,7 @@ def get_teacher(config: ml_collections.ConfigDict, spec: HouseholdRollout, workd
   return graphdef, params, cfg, dict(info, dir=cache)
 
 
-def teacher_eval(config, graphdef, params, spec, info: dict, workdir: str) -> dict:
+def teacher_eval(config, graphdef, params, tasks, info: dict, workdir: str) -> dict:
   """The teacher's held-out evaluation under the run's protocol, cached by protocol next
   to a built teacher (so runs sharing it evaluate it once) or in the workdir."""
   e = config.eval
@@ -99,7 +102,7 @@ def teacher_eval(config, graphdef, params, spec, info: dict, workdir: str) -> di
       cached = json.load(f)
     if cached.get("protocol") == protocol and cached.get("teacher") == who:
       return cached["metrics"]
-  metrics = agents.evaluate_protocol(e, graphdef, params, spec)
+  metrics = agents.evaluate_protocol(e, graphdef, params, tasks)
   with open(cache_file, "w") as f:
     json.dump({"protocol": protocol, "teacher": who, "metrics": metrics}, f, indent=1)
   return metrics

@@ -1,0 +1,212 @@
+"""The multi-turn rollout for Python environments: the host drives the turns.
+
+Per turn the policy decodes a response for every live episode from its KV cache (one
+jitted call), the host turns each response into a command, the environment (usually an
+:class:`~atod_jax.envs.pool.EnvPool`) steps, and the answers are appended to the cache
+(one jitted call). The cache keeps the whole episode, so a turn costs the new tokens,
+not the history. The result is a :class:`~atod_jax.rollout.trajectory.Trajectory` in
+the same layout as the on-device rollout (prompt, then per turn ``M`` response and
+``O`` observation slots), so scoring, advantages and the update are shared.
+
+Text <-> tokens (:class:`TextCodec`): the prompt is ``"Task: {task}\\n"`` then the first
+observation, cut to ``P`` tokens (the task keeps at most half), a response is the command then ``<eos>`` (a
+response without ``<eos>`` in its ``M`` tokens is malformed: the environment gets an
+empty command and the turn counts as invalid), each answer is ``"\\n{observation}"`` cut
+to its first ``O`` tokens. Expert demonstrations go through the same codec, so a clone
+learns exactly the layout the policy acts in.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atod_jax.models.tokenizer import Tokenizer
+from atod_jax.rollout.trajectory import Trajectory, assemble
+from atod_jax.sampling.generate import SamplingParams, append, decode, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class TextRollout:
+  """Static shape of a host rollout: turns ``K``, prompt ``P``, response ``M`` and
+  observation ``O`` token slots."""
+
+  max_turns: int
+  prompt_len: int = 128
+  response_len: int = 16
+  obs_len: int = 48
+
+  @property
+  def length(self) -> int:
+    return self.prompt_len + self.max_turns * (self.response_len + self.obs_len)
+
+  @property
+  def cache_slots(self) -> int:
+    return -(-self.length // 128) * 128
+
+
+class TextCodec:
+  """Episode text <-> the token slots of a :class:`TextRollout` (see the module doc)."""
+
+  def __init__(self, tokenizer: Tokenizer, spec: TextRollout):
+    self.tokenizer, self.spec = tokenizer, spec
+    self.eos = tokenizer.eos_token_id
+    if self.eos is None:
+      raise ValueError("the tokenizer has no eos token (tokenizer_config.json eos_token)")
+    self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+  def prompt(self, task: str, observation: str) -> list[int]:
+    """The task (at most half the slots) then the head of the first observation."""
+    head = self.tokenizer.encode(f"Task: {task}\n")[:self.spec.prompt_len // 2]
+    return head + self.tokenizer.encode(observation)[:self.spec.prompt_len - len(head)]
+
+  def response(self, command: str) -> list[int]:
+    return self.tokenizer.encode(" " + command)[:self.spec.response_len - 1] + [self.eos]
+
+  def observation(self, text: str) -> list[int]:
+    return self.tokenizer.encode("\n" + text)[:self.spec.obs_len]
+
+  def command(self, ids: Sequence[int]) -> str | None:
+    """The command of a response (``None``: no ``<eos>``, malformed)."""
+    ids = list(map(int, ids))
+    if self.eos not in ids:
+      return None
+    known = [i for i in ids[:ids.index(self.eos)] if i < self.tokenizer.vocab_size]
+    return self.tokenizer.decode(known, skip_special_tokens=True).strip()
+
+
+def _right(rows: list[list[int]], width: int, pad: int):
+  """Token lists -> ``[B, width]`` right-aligned (padding on the left) and valid."""
+  out = np.full((len(rows), width), pad, np.int32)
+  valid = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    if r:
+      out[i, width - len(r):] = r
+      valid[i, width - len(r):] = True
+  return out, valid
+
+
+def _left(rows: list[list[int]], width: int, pad: int):
+  out = np.full((len(rows), width), pad, np.int32)
+  valid = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+    valid[i, :len(r)] = True
+  return out, valid
+
+
+def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[int],
+                 key: jax.Array, *, sampling: SamplingParams | None = SamplingParams(),
+                 group_ids: Sequence[int] | None = None, expert_noise: float = 0.0,
+                 ) -> tuple[Trajectory, list[dict]]:
+  """Plays one episode per task id; returns the trajectory batch and each episode's
+  last ``info`` (task type, score, ...).
+
+  ``sampling=None`` plays the environment's expert instead of the model (the
+  demonstrations); with ``expert_noise`` a share of its turns is a random admissible
+  command, kept in the context but not imitated (noise injection, as in DART).
+  Episodes the environment aborted (a worker failure) get ``row_valid`` False.
+  """
+  spec, pad = codec.spec, codec.pad
+  b, kk, m, o = len(task_ids), spec.max_turns, spec.response_len, spec.obs_len
+  batch = env.reset(split, list(task_ids))
+  prompt, prompt_valid = _right([codec.prompt(t, x) for t, x in
+                                 zip(batch.tasks, batch.observations)], spec.prompt_len, pad)
+  resp = np.full((kk, b, m), pad, np.int32)
+  resp_valid = np.zeros((kk, b, m), bool)
+  imitate = np.zeros((kk, b, m), bool)
+  resp_logp = np.zeros((kk, b, m), np.float32)
+  obs = np.full((kk, b, o), pad, np.int32)
+  obs_valid = np.zeros((kk, b, o), bool)
+  rewards = np.zeros(b, np.float32)
+  turns = np.zeros(b, np.int32)
+  invalid = np.zeros(b, np.int32)
+  aborted = np.zeros(b, bool) if batch.aborted is None else batch.aborted.copy()
+  done = batch.dones.copy() | aborted
+  infos = [dict(x) for x in batch.infos] if batch.infos else [{} for _ in range(b)]
+  expert = sampling is None
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  if not expert:
+    cache = init_cache(model, b, spec.cache_slots)
+    logits, cache = append(model, cache, prompt, prompt_valid)
+    stop = jnp.full((b, 1), codec.eos, jnp.int32)
+  for k in range(kk):
+    live = ~done
+    if not live.any():
+      break
+    malformed = np.zeros(b, bool)
+    actions: list[str | None] = [None] * b
+    if expert:
+      noisy = np.zeros(b, bool)
+      for i in np.flatnonzero(live):
+        command = batch.expert[i] if batch.expert else None
+        choices = [a for a in (batch.admissible[i] if batch.admissible else []) if "<" not in a]
+        if choices and (command is None or rng.random() < expert_noise):
+          noisy[i] = True  # a random command (noise, or no expert here): not imitated
+          command = choices[rng.integers(len(choices))]
+        command = command or ""
+        ids = codec.response(command)
+        resp[k, i, :len(ids)] = ids
+        resp_valid[k, i, :len(ids)] = True
+        imitate[k, i, :len(ids)] = not noisy[i]
+        actions[i] = command
+    else:
+      out = decode(model, cache, logits, jax.random.fold_in(key, k), m, sampling,
+                   stop_tokens=stop, max_new=jnp.asarray(np.where(live, m, 0), jnp.int32),
+                   pad_id=pad)
+      cache, logits = out.cache, out.last_logits
+      toks, valid, logp = jax.device_get((out.tokens, out.valid, out.logprobs))
+      resp[k], resp_valid[k], imitate[k], resp_logp[k] = toks, valid, valid, logp
+      for i in np.flatnonzero(live):
+        command = codec.command(toks[i][valid[i]])
+        malformed[i] = command is None
+        actions[i] = command or ""
+    batch = env.step(actions)
+    rewards += np.where(live, batch.rewards, 0.0).astype(np.float32)
+    turns += live
+    flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos] or [False] * b)
+    invalid += (live & (malformed | flagged)).astype(np.int32)
+    if batch.aborted is not None:
+      aborted |= batch.aborted & live
+    for i in np.flatnonzero(live):
+      if batch.infos and batch.infos[i]:
+        infos[i].update(batch.infos[i])
+    now_done = batch.dones | aborted
+    going = live & ~now_done
+    rows = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
+    obs[k], obs_valid[k] = _right(rows, o, pad)
+    done = done | now_done
+    if not expert and not done.all() and k + 1 < kk:
+      logits, cache = append(model, cache, obs[k], obs_valid[k])
+  won = batch.wons.copy() & ~aborted
+  traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
+                  rewards=rewards, won=won, num_turns=turns, invalid=invalid,
+                  group_ids=group_ids, row_valid=~aborted)
+  return traj, infos
+
+
+def train_text_tokenizer(texts: Sequence[str], vocab_size: int, path: str) -> Tokenizer:
+  """A byte-level BPE tokenizer (``tokenizers``) trained on ``texts`` and saved to
+  ``path`` (``tokenizer.json`` and ``tokenizer_config.json`` with ``<eos>`` and
+  ``<pad>``), for CPU-sized models on the real environments."""
+  import json
+  import os
+
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = HFTokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer)
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<eos>", "pad_token": "<pad>"}, f)
+  return Tokenizer.from_pretrained(path)

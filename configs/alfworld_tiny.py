@@ -1,0 +1,24 @@
+"""ATOD on the real ALFWorld games, tiny models, CPU-sized.
+
+    python -m atod_jax.main --config configs/alfworld_tiny.py --workdir runs/alfworld
+
+Needs the `alfworld` extra and the games (../shared/data/alfworld/json_2.1.1, or
+$ALFWORLD_DATA/json_2.1.1, or --config.env.options.data_dir=...). Trains on valid_train
+(200 games), evaluates on valid_seen (140) with per-task-type success. The paper's
+limit is 50 turns; 30 here keeps a CPU run short (--config.env.max_turns=50 for the
+paper's). ALFWorld itself is slow (2-3 s a reset, ~65 ms a step): most of a step's time
+is the environment.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from text_tiny import text_config  # noqa: E402
+
+
+def get_config():
+  c = text_config("alfworld", max_turns=30, train_split="valid_train", eval_split="valid_seen",
+                  prompt_len=160, response_len=16, obs_len=40, vocab=1024,
+                  options=dict(data_dir=""))
+  c.eval.episodes = 140
+  return c

@@ -1,0 +1,32 @@
+"""ATOD on Search-QA with a Qwen3 student and teacher from local HF directories, the
+paper's hyperparameters (GPU / TPU), against a Search-R1 retrieval server.
+
+    python -m atod_jax.main --config configs/searchqa_qwen3.py --workdir runs/sqa_q3 \\
+        --config.student.path=/models/Qwen3-0.6B --config.teacher.path=/models/teacher-4B \\
+        --config.env.options.retriever_url=http://127.0.0.1:8000/retrieve
+
+Questions: the paper's seven benchmarks as flattened by DeepResearcher
+(../shared/data/searchqa/deepresearcher/{dev,test}.jsonl; train on dev here, evaluate on
+test: point questions.train at your own training set, e.g. NQ + HotpotQA train). 4 turns,
+top-3 passages, exact-match reward. Other settings as configs/alfworld_qwen3.py (and
+the same differences from the paper: plain responses, one growing context).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from alfworld_qwen3 import get_config as _alfworld  # noqa: E402
+
+_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                     "shared", "data", "searchqa", "deepresearcher")
+
+
+def get_config():
+  c = _alfworld()
+  c.env.update(kind="searchqa", max_turns=4, prompt_len=128, response_len=64, obs_len=384,
+               workers=4, train_split="train", eval_split="test", eval_batch=128)
+  c.env.options = dict(questions=dict(train=os.path.normpath(os.path.join(_DATA, "dev.jsonl")),
+                                      test=os.path.normpath(os.path.join(_DATA, "test.jsonl"))),
+                       retriever_url="", corpus="", path="", heldout=20, topk=3)
+  c.eval.episodes = 3197
+  return c

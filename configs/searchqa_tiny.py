@@ -1,0 +1,20 @@
+"""ATOD on Search-QA (HotpotQA sample, BM25 over its paragraphs), tiny models, CPU-sized.
+
+    python -m atod_jax.main --config configs/searchqa_tiny.py --workdir runs/searchqa
+
+Needs the `search` extra and ../shared/data/searchqa (or $ATOD_JAX_DATA). 80 training
+questions, 20 held out; 4 turns (the paper's limit); reward = exact match.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from text_tiny import text_config  # noqa: E402
+
+
+def get_config():
+  c = text_config("searchqa", max_turns=4, train_split="train", eval_split="heldout",
+                  prompt_len=64, response_len=40, obs_len=192, vocab=2048,
+                  options=dict(path=""))
+  c.eval.episodes = 20
+  return c
