@@ -19,7 +19,7 @@ def text_config(kind: str, *, max_turns: int, train_split: str, eval_split: str,
   c.seed = 0
   c.method = "atod"
   c.env = dict(kind=kind, max_turns=max_turns, prompt_len=prompt_len,
-               response_len=response_len, obs_len=obs_len, workers=2, step_timeout=300.0,
+               response_len=response_len, obs_len=obs_len, workers=2, step_timeout=120.0,
                train_split=train_split, eval_split=eval_split, eval_batch=16,
                tokenizer="build", vocab_size=vocab, tokenizer_episodes=32,
                options=options or {})

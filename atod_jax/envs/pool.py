@@ -8,15 +8,17 @@ Failures never reach the caller as exceptions: a worker that raises, dies (even 
 ``kill -9``) or does not answer within ``step_timeout`` seconds is killed with its whole
 process group (environments that start a JVM or a simulator take it with them) and
 restarted; the episodes it held come back ``done`` and ``aborted`` (excluded from the
-loss, counted in :attr:`EnvPool.stats`). Workers run in their own session and exit by
-themselves when the parent process disappears, so nothing is left behind; ``close``
-(also run at interpreter exit) stops them all.
+loss, counted in :attr:`EnvPool.stats`). Workers run in their own session and a
+watchdog thread in each ends its process group within a second of the parent process
+disappearing, even in the middle of a step that never returns, so nothing is left
+behind; ``close`` (also run at interpreter exit) stops them all.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 import weakref
@@ -29,8 +31,21 @@ from atod_jax.envs.base import Batch
 _PARENT_CHECK_S = 1.0
 
 
+def _watch_parent(parent_pid: int) -> None:
+  """Ends the worker's whole process group once the trainer is gone, even while the
+  environment is busy in a step that never returns (a hung simulator)."""
+  while True:
+    time.sleep(_PARENT_CHECK_S)
+    if os.getppid() != parent_pid:
+      try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+      finally:
+        os._exit(1)
+
+
 def _worker(conn, factory, index: int, parent_pid: int) -> None:
   os.setsid()  # own process group: the parent can kill it with everything it started
+  threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
   try:
     env = factory(index)
   except BaseException:  # noqa: BLE001  (report any failure to build)

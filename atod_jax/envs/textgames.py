@@ -11,8 +11,9 @@ happens." or its parser's complaint) and is flagged ``info["invalid"]``.
   ``alfworld`` package's demangler (install the ``alfworld`` extra). Splits are the
   folders of ``json_2.1.1``: ``valid_train`` (200 games here, for training),
   ``valid_seen`` (140), ``valid_unseen`` (134). The expert is the PDDL planner: its plan
-  is taken once at reset (re-planning costs ~0.5 s a step) and only re-planned when the
-  agent leaves it. ``info["task_type"]`` names the task family (pick, look, clean, heat,
+  is taken once at reset (re-planning costs ~0.5 s a step, minutes in some states);
+  with ``replan=True`` it is re-planned when the agent leaves it, else there is no
+  expert command from then on. ``info["task_type"]`` names the task family (pick, look, clean, heat,
   cool, pick2) for per-type results (:func:`success_by_type`).
 * :class:`TextWorldEnv` plays games generated offline with ``tw-make`` (the ``textworld``
   extra), cached on disk by (kind, options, seed) so a seed is generated once. The
@@ -61,6 +62,13 @@ def success_by_type(task_types: Sequence[str], wons: Sequence[bool]) -> dict[str
   out = {t: (float(np.mean(groups[t])), len(groups[t])) for t in order}
   out["all"] = (float(np.mean(wons)) if len(wons) else 0.0, len(wons))
   return out
+
+
+def _clean_command(action: str | None) -> str:
+  """Printable ASCII, single spaces, at most 200 characters: the Z-machine interpreter
+  (jericho's Frotz) can hang on control characters, which a learning policy emits."""
+  text = "".join(ch for ch in (action or "") if 32 <= ord(ch) < 127)
+  return " ".join(text.split())[:200]
 
 
 class _TextGameEnv:
@@ -162,7 +170,7 @@ class _TextGameEnv:
     for i, action in enumerate(actions):
       if self._done[i]:
         continue
-      action = " ".join((action or "").split())
+      action = _clean_command(action)
       invalid = action not in self._admissible(self._states[i])
       state, _, done = self._slots[i].step(action)
       self._states[i] = state
@@ -213,10 +221,11 @@ class AlfWorldEnv(_TextGameEnv):
     data_dir: the ``json_2.1.1`` folder (default: :func:`alfworld_data_dir`).
     max_turns: 50, the paper's limit.
     replan: re-plan the expert after the agent leaves its plan (else no expert command
-      from then on).
+      from then on). Off by default: a re-plan runs the PDDL planner, ~0.5 s usually but
+      minutes in some states, on every step a policy is off the plan.
   """
 
-  def __init__(self, data_dir: str | None = None, max_turns: int = 50, replan: bool = True):
+  def __init__(self, data_dir: str | None = None, max_turns: int = 50, replan: bool = False):
     super().__init__(max_turns)
     self.data_dir = alfworld_data_dir(data_dir)
     if not os.path.isdir(self.data_dir):

@@ -46,6 +46,7 @@ def test_planner_expert_wins_one_game_of_each_type(env):
 
 
 def test_invalid_action_and_replanning(env):
+  env.replan = True
   batch = env.reset("valid_seen", [0])
   assert "help" not in batch.admissible[0] and "look" in batch.admissible[0]
   batch = env.step(["fly to the moon"])
@@ -58,6 +59,10 @@ def test_invalid_action_and_replanning(env):
   while not batch.dones[0]:
     batch = env.step(batch.expert)
   assert batch.wons[0] and batch.infos[0]["task_type"] == "look"
+  env.replan = False
+  batch = env.reset("valid_seen", [0])
+  batch = env.step([detour])
+  assert batch.expert[0] is None  # off the plan, no re-planning: no expert command
 
 
 def test_turn_limit():

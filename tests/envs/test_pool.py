@@ -131,3 +131,29 @@ def test_household_tasks_through_the_pool_match_in_process():
       a, b = local.step(a.expert), pool.step(b.expert)
       np.testing.assert_array_equal(a.rewards, b.rewards)
     assert b.wons.all() and not b.aborted.any()
+
+
+def test_a_worker_hung_in_a_step_exits_when_the_trainer_is_killed():
+  """The watchdog thread: the worker is stuck in a step that never returns, so only
+  something outside the step can notice the parent is gone."""
+  script = textwrap.dedent(f"""
+      import os, signal, sys, threading
+      sys.path.insert(0, {os.getcwd()!r})
+      from atod_jax.envs.pool import EnvPool
+      from tests.envs.faulty_env import FaultyEnv
+      pool = EnvPool(FaultyEnv, num_workers=1, step_timeout=600.0)
+      pool.reset("train", [400, 200])  # a child process like a JVM, then a hang at step 2
+      pool.step(["a", "a"])
+      print(" ".join(map(str, pool.worker_pids)), flush=True)
+      threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+      pool.step(["a", "a"])  # hangs in the worker; the trainer is killed meanwhile
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120)
+  pids = [int(p) for p in out.stdout.split()]
+  assert len(pids) == 1
+  procs = set(pids) | _descendants(pids[0])
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_alive(p) for p in procs):
+    time.sleep(0.2)
+  assert not any(_alive(p) for p in procs)

@@ -49,6 +49,9 @@ def test_invalid_action_and_a_cached_game_is_not_made_again(cache):
   assert os.path.getmtime(path) == mtime
   batch = env.step(["dance with the fridge"])
   assert batch.infos[0]["invalid"] and not batch.dones[0] and batch.rewards[0] == 0
+  # control characters (a learning policy's garbage) made Frotz hang: they are dropped
+  batch = env.step(["\x0e\x1b[2Jlook\x00 \ufffd"])
+  assert batch.infos[0]["invalid"] and not batch.dones[0] and batch.observations[0]
   assert batch.infos[0]["max_score"] >= 1
   env.close()
 

@@ -46,9 +46,10 @@ def _run(config, workdir, *extra):
 
 @pytest.mark.skipif(_needs("textworld"), reason="needs the textworld extra")
 def test_textworld_tiny(tmp_path):
-  records, _ = _run("textworld_tiny.py", tmp_path / "run",
-                    f"--config.env.options.cache_dir={tmp_path / 'games'}",
-                    "--config.env.max_turns=6")
+  # few seeds: each game not yet in the (default) cache takes tw-make 2-5 s
+  records, _ = _run("textworld_tiny.py", tmp_path / "run", "--config.env.max_turns=6",
+                    "--config.env.options.splits.train=(0, 1, 2, 3)",
+                    "--config.env.options.splits.heldout=(100000, 100001)")
   evals = [r for r in records if r["kind"] == "eval"]
   assert [e["step"] for e in evals] == [0, 2]
 
@@ -65,7 +66,10 @@ def test_webshop_tiny(tmp_path):
 
 @pytest.mark.skipif(_needs("alfworld"), reason="needs the alfworld extra")
 def test_alfworld_tiny_reports_task_types(tmp_path):
-  records, _ = _run("alfworld_tiny.py", tmp_path / "run", "--config.env.max_turns=5")
+  # ALFWorld resets take 2-3 s a game: as few episodes as a real run allows
+  records, _ = _run("alfworld_tiny.py", tmp_path / "run", "--config.env.max_turns=4",
+                    "--config.student.init=fresh", "--config.env.tokenizer_episodes=2",
+                    "--config.teacher.build.demo_episodes=2", "--config.eval.episodes=2")
   final = [r for r in records if r["kind"] == "eval"][-1]
   assert any(k.startswith("eval/success/") for k in final)
 
