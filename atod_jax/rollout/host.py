@@ -18,6 +18,7 @@ learns exactly the layout the policy acts in.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Sequence
 
 import jax
@@ -63,8 +64,11 @@ class TextCodec:
     head = self.tokenizer.encode(f"Task: {task}\n")[:self.spec.prompt_len // 2]
     return head + self.tokenizer.encode(observation)[:self.spec.prompt_len - len(head)]
 
-  def response(self, command: str) -> list[int]:
-    return self.tokenizer.encode(" " + command)[:self.spec.response_len - 1] + [self.eos]
+  def response(self, command: str) -> tuple[list[int], bool]:
+    """The command's tokens then ``<eos>``, cut to ``M``; and whether it fitted."""
+    ids = self.tokenizer.encode(" " + command)
+    fits = len(ids) <= self.spec.response_len - 1
+    return ids[:self.spec.response_len - 1] + [self.eos], fits
 
   def observation(self, text: str) -> list[int]:
     return self.tokenizer.encode("\n" + text)[:self.spec.obs_len]
@@ -148,7 +152,11 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
           noisy[i] = True  # a random command (noise, or no expert here): not imitated
           command = choices[rng.integers(len(choices))]
         command = command or ""
-        ids = codec.response(command)
+        ids, fits = codec.response(command)
+        if not fits:  # a cut command is not the one played: never imitate it
+          noisy[i] = True
+          logging.warning("expert command %r is longer than env.response_len=%d tokens: "
+                          "not imitated (raise response_len)", command, m)
         resp[k, i, :len(ids)] = ids
         resp_valid[k, i, :len(ids)] = True
         imitate[k, i, :len(ids)] = not noisy[i]
