@@ -44,3 +44,11 @@ class BatchedEnv(Protocol):
 
   # Optional: ``num_tasks(split) -> int``, the number of task ids of a split (the real
   # environments have it; the trainer draws task ids from it).
+
+
+def start_step(actions: Sequence[str | None], n: int):
+  """The checks and empty outputs every ``step`` starts from: one action per episode,
+  then ``(observations, rewards, infos)`` to fill for the live episodes."""
+  if len(actions) != n:
+    raise ValueError(f"expected {n} actions, got {len(actions)}")
+  return [""] * n, np.zeros(n, np.float32), [{} for _ in range(n)]

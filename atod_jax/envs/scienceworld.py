@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from atod_jax.envs.base import Batch
+from atod_jax.envs.base import Batch, start_step
 
 SPLITS = ("train", "dev", "test")
 UNKNOWN_ACTION = "No known action matches that input."
@@ -117,10 +117,7 @@ class ScienceWorldEnv:
 
   def step(self, actions: Sequence[str | None]) -> Batch:
     n = len(self._tasks)
-    if len(actions) != n:
-      raise ValueError(f"expected {n} actions, got {len(actions)}")
-    obs, rewards = [""] * n, np.zeros(n, np.float32)
-    infos: list[dict] = [{} for _ in range(n)]
+    obs, rewards, infos = start_step(actions, n)
     for i, action in enumerate(actions):
       if self._done[i]:
         continue

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from atod_jax.envs.base import Batch
+from atod_jax.envs.base import Batch, start_step
 
 SEARCH = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -266,10 +266,7 @@ class SearchQAEnv:
 
   def step(self, actions: Sequence[str | None]) -> Batch:
     n = len(self._items)
-    if len(actions) != n:
-      raise ValueError(f"expected {n} actions, got {len(actions)}")
-    obs, rewards = [""] * n, np.zeros(n, np.float32)
-    infos = [{} for _ in range(n)]
+    obs, rewards, infos = start_step(actions, n)
     searches: dict[int, str] = {}
     was_live = ~self._done
     for i, action in enumerate(actions):

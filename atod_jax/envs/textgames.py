@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from atod_jax.envs.base import Batch
+from atod_jax.envs.base import Batch, start_step
 from atod_jax.envs.searchqa import default_data_dir
 
 ALFWORLD_TASK_TYPES = {  # folder prefix -> the short name papers report
@@ -163,10 +163,7 @@ class _TextGameEnv:
 
   def step(self, actions: Sequence[str | None]) -> Batch:
     n = len(self._states)
-    if len(actions) != n:
-      raise ValueError(f"expected {n} actions, got {len(actions)}")
-    obs, rewards = [""] * n, np.zeros(n, np.float32)
-    infos: list[dict] = [{} for _ in range(n)]
+    obs, rewards, infos = start_step(actions, n)
     for i, action in enumerate(actions):
       if self._done[i]:
         continue
