@@ -120,6 +120,13 @@ def test_expert_through_the_pool_with_2_workers_and_into_the_dataset(tmp_path):
 
 
 @needs_data
+def test_survives_a_worker_killed_mid_episode(env):
+  from tests.envs.real_env_checks import check_pool
+  check_pool(functools.partial(sq.hotpot_sample_env, path=HOTPOT), "train", [0, 1, 2, 3],
+             local=env)
+
+
+@needs_data
 def test_the_papers_question_files_load():
   path = os.path.join(sq.default_data_dir(), "searchqa", "deepresearcher", "test.jsonl")
   questions = sq.load_questions(path)
