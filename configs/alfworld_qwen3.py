@@ -35,7 +35,8 @@ def get_config():
   hf = dict(dtype="bfloat16")  # dtype of the loaded weights
   c.teacher = dict(source="hf", path="", cache_dir="", model=hf,
                    build=dict(seed=0, demo_episodes=0, sft_steps=0, batch_size=1,
-                              learning_rate=0.0, expert_noise=0.0))
+                              learning_rate=0.0, expert_noise=0.0, grpo_steps=0,
+                              grpo_learning_rate=1e-6))
   c.student = dict(init="hf", path="", model=hf,
                    sft=dict(demo_episodes=0, steps=0, batch_size=1, learning_rate=0.0,
                             expert_noise=0.0))

@@ -32,7 +32,8 @@ def get_config():
       cache_dir="",  # where a built teacher is kept (default: <workdir>/teacher)
       model=tiny_model(128, 3, 2, 384),
       build=dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
-                 expert_noise=0.3),  # share of random commands in the demos (DART)
+                 expert_noise=0.3,  # share of random commands in the demos (DART)
+                 grpo_steps=0, grpo_learning_rate=5e-4),  # then GRPO on its own rollouts
   )
   c.student = dict(
       init="sft",  # fresh | sft (short behaviour-cloning warm start) | hf | checkpoint

@@ -26,7 +26,8 @@ def text_config(kind: str, *, max_turns: int, train_split: str, eval_split: str,
   c.teacher = dict(source="build", path="", cache_dir="",
                    model=tiny_model(vocab, 128, 2, 2, 384),
                    build=dict(seed=0, demo_episodes=64, sft_steps=100, batch_size=16,
-                              learning_rate=3e-3, expert_noise=0.2))
+                              learning_rate=3e-3, expert_noise=0.2, grpo_steps=0,
+                              grpo_learning_rate=5e-4))
   c.student = dict(init="sft", path="", model=tiny_model(vocab, 64, 2, 2, 192),
                    sft=dict(demo_episodes=32, steps=60, batch_size=16, learning_rate=3e-3,
                             expert_noise=0.2))

@@ -94,6 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sec, sub, leaf = f.split(".")
     v = config[sec][sub][leaf]
     _need(0.0 <= v < 1.0, f, f"must be in [0, 1), got {v!r}")
+  for f in ("grpo_steps", "grpo_learning_rate"):
+    if f in config.teacher.build:
+      _positive(config, f"teacher.build.{f}", zero_ok=True)
   _choice(config, "student.init", STUDENT_INITS)
   _choice(config, "teacher.source", TEACHER_SOURCES)
   for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):

@@ -1,18 +1,22 @@
 """The frozen teacher: loaded from a directory, or built once and cached.
 
 Building (``teacher.source = "build"``): a model of ``teacher.model`` shape is trained by
-behaviour cloning on expert demonstrations of training tasks, then saved with the
+behaviour cloning on expert demonstrations of training tasks, optionally followed by
+``teacher.build.grpo_steps`` GRPO steps on its own rollouts (as the paper's teachers
+were), then saved with the
 fingerprint of everything that shaped it; a later run whose fingerprint matches loads it
 instead of building again. The student's optional warm start (``student.init = "sft"``)
 is the same procedure with its own (smaller) budget.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from tqdm.auto import tqdm
@@ -20,7 +24,10 @@ from tqdm.auto import tqdm
 from atod_jax.rollout.trajectory import pack, trim
 from atod_jax.train import agents
 from atod_jax.train.config import model_config
-from atod_jax.train.steps import init_state, jit_sft_update
+from atod_jax.objectives.schedules import annealing_schedules
+from atod_jax.sampling.generate import SamplingParams
+from atod_jax.train.steps import (
+    advantages, init_state, jit_policy_update, jit_sft_update, make_optimizer)
 
 
 def behaviour_clone(graphdef, params, tasks, *, episodes: int, steps: int,
@@ -50,6 +57,45 @@ def behaviour_clone(graphdef, params, tasks, *, episodes: int, steps: int,
     if i % 10 == 0 or i == steps - 1:
       bar.set_postfix(nll=f"{float(metrics['loss']):.3f}")
   return state.params
+
+
+def reinforce(graphdef, params, tasks, config, *, steps: int, learning_rate: float,
+              desc: str = "teacher GRPO"):
+  """``steps`` GRPO updates of a model on its own rollouts of training tasks (kappa = 0,
+  rho = 1: the sparse reward only, uniform turn weights), with the run's rollout,
+  objective and optimizer settings at ``learning_rate``: how the paper's teachers were
+  trained after their start. Returns the new parameters and the per-step success."""
+  if steps == 0:
+    return params, []
+  r, o = config.rollout, config.objective
+  optim = ml_collections.ConfigDict(dict(config.optim.to_dict(), learning_rate=learning_rate,
+                                         warmup_steps=0))
+  tx = make_optimizer(optim)
+  adv_fn = jax.jit(functools.partial(
+      advantages, sched=annealing_schedules(0, 0.0, 0.0, 1.0, 1.0, "constant"),
+      tdur_mode="uniform", estimator=o.estimator, num_groups=r.tasks_per_step,
+      max_turns=tasks.max_turns))
+  sampling = SamplingParams(temperature=r.temperature)
+  state = init_state(params, tx)
+  success = []
+  bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+  for i in bar:
+    step = _TEACHER_STEPS + i  # draws of their own, apart from the student's steps
+    traj = trim(pack(tasks.train_batch(graphdef, state.params, step, sampling)))
+    # the teacher's own log-probs as "teacher" scores: the OPD term is exactly 0
+    adv, _ = adv_fn(traj, traj.behaviour_logp, state.step)
+    state, _ = jit_policy_update(
+        graphdef, tx, state, traj, adv, agents.draw(config.seed, agents.SHUFFLE, step),
+        minibatches=optim.minibatches, epochs=optim.epochs, clip_eps=o.clip_eps,
+        clip_eps_high=o.clip_eps_high, dual_clip=o.dual_clip, aggregation=o.aggregation,
+        temperature=r.temperature)
+    success.append(float(jnp.mean(traj.won.astype(jnp.float32) * traj.row_valid) /
+                         jnp.maximum(jnp.mean(traj.row_valid.astype(jnp.float32)), 1e-9)))
+    bar.set_postfix(success=f"{success[-1]:.2f}")
+  return state.params, success
+
+
+_TEACHER_STEPS = 1_000_000
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict:
@@ -84,7 +130,13 @@ def get_teacher(config: ml_collections.ConfigDict, tasks, workdir: str, say=prin
   params = behaviour_clone(graphdef, params, tasks, episodes=b.demo_episodes, steps=b.sft_steps,
                            batch_size=b.batch_size, learning_rate=b.learning_rate, seed=b.seed,
                            desc="teacher", noise=b.expert_noise)
-  info = {"source": "build", "fingerprint": fingerprint, "build_seconds": time.time() - start}
+  grpo_steps = b.get("grpo_steps", 0)
+  if grpo_steps:
+    say(f"teacher: then {grpo_steps} GRPO steps on its own rollouts")
+  params, grpo_success = reinforce(graphdef, params, tasks, config, steps=grpo_steps,
+                                   learning_rate=b.get("grpo_learning_rate", 5e-4))
+  info = {"source": "build", "fingerprint": fingerprint, "build_seconds": time.time() - start,
+          "grpo_steps": grpo_steps, "grpo_success": grpo_success}
   agents.save_model(cache, graphdef, params, cfg, info)
   return graphdef, params, cfg, dict(info, dir=cache)
 

@@ -1,0 +1,38 @@
+"""A built teacher's optional GRPO phase: it trains on its own rollouts with the sparse
+reward only, is recorded in the cache and changes the cached teacher."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from atod_jax.models.sharding import make_mesh
+from atod_jax.train import teacher as tch
+from atod_jax.train.tasks import HouseholdTasks
+from tests.train import tiny_config
+
+
+@pytest.mark.slow  # ~2.5 min: a clone good enough to mix wins and losses (pytest -m slow)
+def test_grpo_phase_after_behaviour_cloning(tmp_path):
+  config = tiny_config.get_config()
+  # a clone good enough that groups of rollouts mix wins and losses (else GRPO's group
+  # advantages, hence its updates, are all zero)
+  config.teacher.model.update(hidden_size=64, head_dim=32, intermediate_size=192)
+  config.teacher.build.update(demo_episodes=64, sft_steps=150, batch_size=32)
+  config.rollout.update(tasks_per_step=4, group_size=4)
+  tasks = HouseholdTasks(config, make_mesh(-1, 1, 1))
+  g0, p0, _, info0 = tch.get_teacher(config, tasks, str(tmp_path / "bc"), say=lambda *a: None)
+  assert info0["grpo_steps"] == 0 and info0["grpo_success"] == []
+  config.teacher.build.grpo_steps = 2
+  g1, p1, _, info1 = tch.get_teacher(config, tasks, str(tmp_path / "grpo"), say=lambda *a: None)
+  assert info1["grpo_steps"] == 2 and len(info1["grpo_success"]) == 2
+  assert all(0.0 < s < 1.0 for s in info1["grpo_success"]), info1["grpo_success"]
+  # same behaviour-cloning start, then the GRPO updates moved the parameters
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
+  with open(os.path.join(tmp_path / "grpo" / "teacher", "info.json")) as f:
+    assert json.load(f)["fingerprint"]["build"]["grpo_steps"] == 2
+  # a later run with the same settings reuses it
+  _, p2, _, _ = tch.get_teacher(config, tasks, str(tmp_path / "grpo"), say=lambda *a: None)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
