@@ -14,7 +14,7 @@ from text_tiny import text_config  # noqa: E402
 
 def get_config():
   c = text_config("searchqa", max_turns=4, train_split="train", eval_split="heldout",
-                  prompt_len=64, response_len=40, obs_len=192, vocab=2048,
+                  prompt_len=64, response_len=64, obs_len=192, vocab=2048,
                   options=dict(path=""))
   c.eval.episodes = 20
   return c
