@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atod_jax.models.sharding import shard_batch
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.rollout.trajectory import Trajectory, assemble
 from atod_jax.sampling.generate import SamplingParams, append, decode, init_cache
@@ -105,7 +106,7 @@ def _left(rows: list[list[int]], width: int, pad: int):
 def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[int],
                  key: jax.Array, *, sampling: SamplingParams | None = SamplingParams(),
                  group_ids: Sequence[int] | None = None, expert_noise: float = 0.0,
-                 ) -> tuple[Trajectory, list[dict]]:
+                 mesh=None) -> tuple[Trajectory, list[dict]]:
   """Plays one episode per task id; returns the trajectory batch and each episode's
   last ``info`` (task type, score, ...).
 
@@ -113,7 +114,10 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   demonstrations); with ``expert_noise`` a share of its turns is a random admissible
   command, kept in the context but not imitated (noise injection, as in DART).
   Episodes the environment aborted (a worker failure) get ``row_valid`` False.
+  With ``mesh``, the episodes (the KV cache and every token batch) are sharded over its
+  data axes, so decoding is data-parallel.
   """
+  put = (lambda x: x) if mesh is None else (lambda x: shard_batch(x, mesh))  # noqa: E731
   spec, pad = codec.spec, codec.pad
   b, kk, m, o = len(task_ids), spec.max_turns, spec.response_len, spec.obs_len
   batch = env.reset(split, list(task_ids))
@@ -135,8 +139,10 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
   if not expert:
     cache = init_cache(model, b, spec.cache_slots)
-    logits, cache = append(model, cache, prompt, prompt_valid)
-    stop = jnp.full((b, 1), codec.eos, jnp.int32)
+    cache = cache._replace(keys=put(cache.keys), values=put(cache.values),
+                           valid=put(cache.valid), next_position=put(cache.next_position))
+    logits, cache = append(model, cache, *put((jnp.asarray(prompt), jnp.asarray(prompt_valid))))
+    stop = put(jnp.full((b, 1), codec.eos, jnp.int32))
   for k in range(kk):
     live = ~done
     if not live.any():
@@ -163,7 +169,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
         actions[i] = command
     else:
       out = decode(model, cache, logits, jax.random.fold_in(key, k), m, sampling,
-                   stop_tokens=stop, max_new=jnp.asarray(np.where(live, m, 0), jnp.int32),
+                   stop_tokens=stop, max_new=put(jnp.asarray(np.where(live, m, 0), jnp.int32)),
                    pad_id=pad)
       cache, logits = out.cache, out.last_logits
       toks, valid, logp = jax.device_get((out.tokens, out.valid, out.logprobs))
@@ -188,7 +194,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
     obs[k], obs_valid[k] = _right(rows, o, pad)
     done = done | now_done
     if not expert and not done.all() and k + 1 < kk:
-      logits, cache = append(model, cache, obs[k], obs_valid[k])
+      logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
   won = batch.wons.copy() & ~aborted
   traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
                   rewards=rewards, won=won, num_turns=turns, invalid=invalid,

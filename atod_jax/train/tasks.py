@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from atod_jax.envs.household import HouseholdParams
-from atod_jax.models.sharding import shard_batch
+from atod_jax.models.sharding import shard_batch, state_shardings
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.rollout.device import HouseholdRollout
 from atod_jax.rollout.host import TextCodec, TextRollout, host_rollout, train_text_tokenizer
@@ -75,9 +75,9 @@ class TextTasks:
   :func:`~atod_jax.rollout.host.host_rollout`; the tokenizer is the model directory's
   or one trained on expert episodes and cached (``tokenizer_dir``)."""
 
-  def __init__(self, config, tokenizer_dir: str, say=print):
+  def __init__(self, config, tokenizer_dir: str, say=print, mesh=None):
     from atod_jax.envs.pool import EnvPool
-    self.config = config
+    self.config, self.mesh = config, mesh
     e = config.env
     self.name = e.kind
     self.max_turns = e.max_turns
@@ -115,6 +115,14 @@ class TextTasks:
       json.dump(fingerprint, f)
     return tok
 
+  def _model(self, graphdef, params):
+    """The model with its parameters on the mesh (a no-op where they already are), so
+    they meet the mesh-sharded episodes; teachers and clones come from anywhere."""
+    from flax import nnx
+    if self.mesh is not None:
+      params = jax.device_put(params, state_shardings(params, self.mesh))
+    return nnx.merge(graphdef, params)
+
   def _ids(self, seed: int, purpose: int, step: int, count: int) -> list[int]:
     rng = np.random.default_rng([seed, purpose, step])
     return rng.choice(self.num_train, count, replace=count > self.num_train).tolist()
@@ -123,11 +131,10 @@ class TextTasks:
     r, seed = self.config.rollout, self.config.seed
     ids = np.repeat(self._ids(seed, agents.TASKS, step, r.tasks_per_step), r.group_size)
     groups = np.repeat(np.arange(r.tasks_per_step), r.group_size)
-    from flax import nnx
-    traj, _ = host_rollout(nnx.merge(graphdef, params), self.codec, self.pool,
+    traj, _ = host_rollout(self._model(graphdef, params), self.codec, self.pool,
                            self.config.env.train_split, ids.tolist(),
                            agents.draw(seed, agents.POLICY, step), sampling=sampling,
-                           group_ids=groups)
+                           group_ids=groups, mesh=self.mesh)
     return traj
 
   def expert_demos(self, seed: int, episodes: int, noise: float = 0.0) -> Trajectory:
@@ -139,8 +146,7 @@ class TextTasks:
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int):
     """The first ``episodes`` tasks of the evaluation split (all of them if fewer), in
     batches of ``env.eval_batch``; adds ``success/<type>`` where the env has task types."""
-    from flax import nnx
-    model = nnx.merge(graphdef, params)
+    model = self._model(graphdef, params)
     n = min(episodes, self.num_eval)
     batch = self.config.env.eval_batch
     sums: dict[str, float] = {}
@@ -149,7 +155,8 @@ class TextTasks:
       ids = list(range(start, min(n, start + batch)))
       traj, infos = host_rollout(model, self.codec, self.pool, self.config.env.eval_split, ids,
                                  agents.draw(seed, agents.EVAL_POLICY, start),
-                                 sampling=SamplingParams(temperature=temperature))
+                                 sampling=SamplingParams(temperature=temperature),
+                                 mesh=self.mesh)
       for k, v in jax.device_get(summarize(traj)).items():
         sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
       for info, w in zip(infos, np.asarray(traj.won)):
@@ -176,4 +183,4 @@ def tokenizer_dir(config, workdir: str) -> str:
 def make_tasks(config, workdir: str, mesh, say=print):
   if config.env.kind == "household":
     return HouseholdTasks(config, mesh)
-  return TextTasks(config, tokenizer_dir(config, workdir), say)
+  return TextTasks(config, tokenizer_dir(config, workdir), say, mesh)

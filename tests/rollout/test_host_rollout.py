@@ -98,3 +98,20 @@ def test_aborted_episodes_are_masked(tmp_path):
                          sampling=None)
   np.testing.assert_array_equal(traj.row_valid, [True, False, True])
   assert not bool(traj.won[1]) and bool(traj.won[0])
+
+
+def test_on_8_devices_the_rollout_is_the_same(tmp_path):
+  from atod_jax.models.sharding import make_mesh
+  env, codec = _codec(tmp_path)
+  cfg = ModelConfig(vocab_size=codec.tokenizer.vocab_size, hidden_size=32, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
+                    model_type="qwen3", qk_norm=True, dtype="float32", param_dtype="float32")
+  model = DecoderLM(cfg, nnx.Rngs(0))
+  ids = list(range(8))
+  one, _ = host_rollout(model, codec, env, "train", ids, jax.random.key(3),
+                        sampling=SamplingParams(temperature=1.0))
+  mesh = make_mesh(8, 1, 1)
+  many, _ = host_rollout(model, codec, env, "train", ids, jax.random.key(3),
+                         sampling=SamplingParams(temperature=1.0), mesh=mesh)
+  np.testing.assert_array_equal(one.tokens, many.tokens)
+  np.testing.assert_allclose(one.behaviour_logp, many.behaviour_logp, atol=1e-5)
