@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from atod_jax.envs import household as hh
 from atod_jax.models.decoder import DecoderLM, KVCache
-from atod_jax.rollout.trajectory import Trajectory, assemble
+from atod_jax.rollout.trajectory import Trajectory, assemble, cache_slots, layout_length
 from atod_jax.sampling.generate import SamplingParams, append_tokens, decode_loop
 
 
@@ -46,11 +46,11 @@ class HouseholdRollout:
   @property
   def length(self) -> int:
     """``L``, token slots of a row."""
-    return self.prompt_len + self.max_turns * (self.response_len + self.obs_len)
+    return layout_length(self.prompt_len, self.max_turns, self.response_len, self.obs_len)
 
   @property
   def cache_slots(self) -> int:
-    return -(-self.length // 128) * 128
+    return cache_slots(self.length)
 
 
 def _left_align(tokens: jax.Array, valid: jax.Array):

@@ -27,7 +27,7 @@ import numpy as np
 
 from atod_jax.models.sharding import shard_batch
 from atod_jax.models.tokenizer import Tokenizer
-from atod_jax.rollout.trajectory import Trajectory, assemble
+from atod_jax.rollout.trajectory import Trajectory, assemble, cache_slots, layout_length
 from atod_jax.sampling.generate import SamplingParams, append, decode, init_cache
 
 
@@ -43,11 +43,11 @@ class TextRollout:
 
   @property
   def length(self) -> int:
-    return self.prompt_len + self.max_turns * (self.response_len + self.obs_len)
+    return layout_length(self.prompt_len, self.max_turns, self.response_len, self.obs_len)
 
   @property
   def cache_slots(self) -> int:
-    return -(-self.length // 128) * 128
+    return cache_slots(self.length)
 
 
 class TextCodec:
@@ -91,15 +91,6 @@ def _right(rows: list[list[int]], width: int, pad: int):
     if r:
       out[i, width - len(r):] = r
       valid[i, width - len(r):] = True
-  return out, valid
-
-
-def _left(rows: list[list[int]], width: int, pad: int):
-  out = np.full((len(rows), width), pad, np.int32)
-  valid = np.zeros((len(rows), width), bool)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r
-    valid[i, :len(r)] = True
   return out, valid
 
 

@@ -34,6 +34,16 @@ class Trajectory(NamedTuple):
     return jnp.sum(self.gen_mask)
 
 
+def layout_length(prompt: int, turns: int, response: int, observation: int) -> int:
+  """Token slots of a row of the shared layout (see :func:`assemble`)."""
+  return prompt + turns * (response + observation)
+
+
+def cache_slots(length: int, multiple: int = 128) -> int:
+  """KV-cache slots for a row of ``length`` tokens (rounded up: few compiled shapes)."""
+  return -(-length // multiple) * multiple
+
+
 def assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid, *,
              rewards, won, num_turns, invalid, group_ids=None, row_valid=None) -> Trajectory:
   """A :class:`Trajectory` from per-turn pieces, in the layout every rollout shares::

@@ -104,8 +104,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       path = config[who].path
       _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
             f"{kind} directory {path!r} does not exist")
-  for who in ("student", "teacher"):
-    if config[who].get("init", config[who].get("source")) in ("hf", "checkpoint"):
+  for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
+    if kind in ("hf", "checkpoint"):
       continue  # the shape comes from the directory
     try:
       cfg = model_config(config[who].model)
@@ -114,8 +114,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if household:
       _need(cfg.vocab_size >= 89, f"{who}.model.vocab_size",
             f"the household vocabulary has 89 words; got {cfg.vocab_size}")
-    elif config.env.tokenizer == "build" and config[who].get("init", config[who].get(
-        "source")) in ("fresh", "sft", "build"):
+    elif config.env.tokenizer == "build":
       _need(cfg.vocab_size >= config.env.vocab_size, f"{who}.model.vocab_size",
             f"must hold the env.vocab_size={config.env.vocab_size} tokens of the built "
             f"tokenizer; got {cfg.vocab_size}")

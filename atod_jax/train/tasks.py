@@ -84,8 +84,8 @@ class TextTasks:
     self.spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len)
     self.pool = EnvPool(_factory(e), num_workers=e.workers, step_timeout=e.step_timeout,
                         start_timeout=max(600.0, e.step_timeout))
-    self.num_train = self.pool.call("num_tasks", e.train_split)
-    self.num_eval = self.pool.call("num_tasks", e.eval_split)
+    self.num_train = self.pool.num_tasks(e.train_split)
+    self.num_eval = self.pool.num_tasks(e.eval_split)
     self.tokenizer = self._tokenizer(tokenizer_dir, say)
     self.codec = TextCodec(self.tokenizer, self.spec)
 
@@ -95,8 +95,7 @@ class TextTasks:
       return Tokenizer.from_pretrained(os.path.expanduser(self.config.student.path))
     if e.tokenizer != "build":
       return Tokenizer.from_pretrained(os.path.expanduser(e.tokenizer))
-    fingerprint = {"env": {k: v for k, v in e.to_dict().items()
-                           if k not in ("workers", "step_timeout")}}
+    fingerprint = {"env": env_fingerprint(e)}
     stamp = os.path.join(path, "fingerprint.json")
     if os.path.exists(stamp):
       with open(stamp) as f:
@@ -170,13 +169,18 @@ class TextTasks:
     self.pool.close()
 
 
+def env_fingerprint(env_config) -> dict:
+  """The env settings that shape episodes (not how many workers run them)."""
+  return {k: v for k, v in env_config.to_dict().items()
+          if k not in ("workers", "step_timeout", "eval_batch")}
+
+
 def tokenizer_dir(config, workdir: str) -> str:
   """Where a built tokenizer lives: beside the built teacher it was made for."""
   t = config.teacher
   base = t.cache_dir or os.path.join(workdir, "teacher")
-  fields = {k: v for k, v in config.env.to_dict().items()
-            if k not in ("workers", "step_timeout", "eval_batch")}
-  key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+  key = hashlib.sha1(json.dumps(env_fingerprint(config.env), sort_keys=True).encode())
+  key = key.hexdigest()[:8]
   return os.path.join(os.path.abspath(os.path.expanduser(base)), f"tokenizer-{key}")
 
 

@@ -29,12 +29,16 @@ def _codec(tmp_path, turns=6, response_len=16):
                                          response_len=response_len, obs_len=24))
 
 
-def test_behaviour_logprobs_equal_a_full_forward(tmp_path):
-  env, codec = _codec(tmp_path)
-  cfg = ModelConfig(vocab_size=codec.tokenizer.vocab_size, hidden_size=32, num_layers=2,
+def _model(codec, layers):
+  cfg = ModelConfig(vocab_size=codec.tokenizer.vocab_size, hidden_size=32, num_layers=layers,
                     num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
                     model_type="qwen3", qk_norm=True, dtype="float32", param_dtype="float32")
-  model = DecoderLM(cfg, nnx.Rngs(0))
+  return DecoderLM(cfg, nnx.Rngs(0))
+
+
+def test_behaviour_logprobs_equal_a_full_forward(tmp_path):
+  env, codec = _codec(tmp_path)
+  model = _model(codec, layers=2)
   traj, infos = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
                              sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
   assert int(traj.gen_mask.sum()) > 0 and (np.asarray(traj.num_turns) >= 1).all()
@@ -103,10 +107,7 @@ def test_aborted_episodes_are_masked(tmp_path):
 def test_on_8_devices_the_rollout_is_the_same(tmp_path):
   from atod_jax.models.sharding import make_mesh
   env, codec = _codec(tmp_path)
-  cfg = ModelConfig(vocab_size=codec.tokenizer.vocab_size, hidden_size=32, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
-                    model_type="qwen3", qk_norm=True, dtype="float32", param_dtype="float32")
-  model = DecoderLM(cfg, nnx.Rngs(0))
+  model = _model(codec, layers=1)
   ids = list(range(8))
   one, _ = host_rollout(model, codec, env, "train", ids, jax.random.key(3),
                         sampling=SamplingParams(temperature=1.0))
