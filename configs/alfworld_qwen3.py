@@ -13,11 +13,14 @@ student.path at the size you train; the tokenizer is the student's.
 Training uses ALFWorld's full train split (3,553 games: `alfworld-download`, then
 $ALFWORLD_DATA); with only the shared data, pass --config.env.train_split=valid_train.
 
-Where this differs from the paper: a response is a plain command then the tokenizer's
-eos (no <think> reasoning, max 48 tokens here instead of 512), and the episode is one
-growing context (KV-cache continuation), observations cut to 96 tokens, instead of the
-verl-agent prompt re-rendered each turn with a short history window. The first is a
-config choice; the windowed prompt is not implemented yet.
+Prompts as the paper's (verl-agent): each turn the prompt is rendered afresh through
+the student's chat template (the task, the last 2 observation/action pairs, the current
+observation, the admissible commands, the format instructions; at most 2,048 tokens)
+and the student answers <think>...</think><action>...</action> in at most 512 tokens
+(env.layout="window"; "context" plays the episode as one growing context instead).
+Memory: each layer is rematerialised in the backward pass (model.remat) and a
+mini-batch's gradient is accumulated over 8 slices of 2 trajectories (optim.microbatches);
+raise microbatches if a step does not fit, lower it if it does with room to spare.
 """
 import ml_collections
 
@@ -28,11 +31,12 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.method = "atod"
-  c.env = dict(kind="alfworld", max_turns=MAX_TURNS, prompt_len=256, response_len=48,
-               obs_len=96, workers=16, step_timeout=600.0, train_split="train",
-               eval_split="valid_seen", eval_batch=64, tokenizer="student", vocab_size=0,
-               tokenizer_episodes=0, options=dict(data_dir=""))
-  hf = dict(dtype="bfloat16")  # dtype of the loaded weights
+  c.env = dict(kind="alfworld", max_turns=MAX_TURNS, layout="window", history=2,
+               prompt_len=2048, response_len=512, obs_len=0, workers=16, step_timeout=600.0,
+               train_split="train", eval_split="valid_seen", eval_batch=64,
+               tokenizer="student", vocab_size=0, tokenizer_episodes=0,
+               options=dict(data_dir=""))
+  hf = dict(dtype="bfloat16", remat=True)  # override the directories' config.json
   c.teacher = dict(source="hf", path="", cache_dir="", model=hf,
                    build=dict(seed=0, demo_episodes=0, sft_steps=0, batch_size=1,
                               learning_rate=0.0, expert_noise=0.0, grpo_steps=0,
@@ -46,7 +50,7 @@ def get_config():
       kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
       clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0, aggregation="seq_mean_token_mean")
   c.optim = dict(learning_rate=1e-6, warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.01,
-                 max_grad_norm=1.0, minibatches=4, epochs=1)
+                 max_grad_norm=1.0, minibatches=4, microbatches=8, epochs=1)
   c.train = dict(steps=150, eval_every=10, checkpoint_every=10, keep_checkpoints=2)
   c.eval = dict(episodes=140, temperature=0.4, greedy=False, seed=1234)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)

@@ -8,8 +8,9 @@ paper's hyperparameters (GPU / TPU), against a Search-R1 retrieval server.
 Questions: the paper's seven benchmarks as flattened by DeepResearcher
 (../shared/data/searchqa/deepresearcher/{dev,test}.jsonl; train on dev here, evaluate on
 test: point questions.train at your own training set, e.g. NQ + HotpotQA train). 4 turns,
-top-3 passages, exact-match reward. Other settings as configs/alfworld_qwen3.py (and
-the same differences from the paper: plain responses, one growing context).
+top-3 passages, exact-match reward. The student answers
+<think>...</think><search>query</search> or <think>...</think><answer>...</answer>.
+Other settings (windowed prompts, memory) as configs/alfworld_qwen3.py.
 """
 import os
 import sys
@@ -23,7 +24,7 @@ _DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def get_config():
   c = _alfworld()
-  c.env.update(kind="searchqa", max_turns=4, prompt_len=128, response_len=64, obs_len=384,
+  c.env.update(kind="searchqa", max_turns=4, prompt_len=2048, response_len=512,
                workers=4, train_split="train", eval_split="test", eval_batch=128)
   c.env.options = dict(questions=dict(train=os.path.normpath(os.path.join(_DATA, "dev.jsonl")),
                                       test=os.path.normpath(os.path.join(_DATA, "test.jsonl"))),

@@ -15,6 +15,7 @@ import os
 from typing import Any, Sequence
 
 import jinja2
+import jinja2.ext  # loopcontrols: not loaded by "import jinja2"
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 

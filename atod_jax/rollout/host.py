@@ -8,41 +8,74 @@ not the history. The result is a :class:`~atod_jax.rollout.trajectory.Trajectory
 the same layout as the on-device rollout (prompt, then per turn ``M`` response and
 ``O`` observation slots), so scoring, advantages and the update are shared.
 
-Text <-> tokens (:class:`TextCodec`): the prompt is ``"Task: {task}\\n"`` then the first
-observation, cut to ``P`` tokens (the task keeps at most half), a response is the command then ``<eos>`` (a
-response without ``<eos>`` in its ``M`` tokens is malformed: the environment gets an
-empty command and the turn counts as invalid), each answer is ``"\\n{observation}"`` cut
-to its first ``O`` tokens. Expert demonstrations go through the same codec, so a clone
+Two layouts (:class:`TextRollout` ``layout``), the two of
+:mod:`~atod_jax.rollout.trajectory`:
+
+* ``"context"``: one growing context. The prompt is ``"Task: {task}\\n"`` then the first
+  observation, cut to ``P`` tokens (the task keeps at most half); a response is the
+  command then ``<eos>``; each answer is ``"\\n{observation}"`` cut to its first ``O``
+  tokens. The cache keeps the whole episode, so a turn costs the new tokens only.
+* ``"window"``: the paper's verl-agent prompts. Each turn the prompt is rendered afresh
+  (:func:`~atod_jax.envs.prompts.render_prompt`: the task, the last ``history``
+  observation/action pairs, the current observation, the admissible commands, the format
+  instructions; through the tokenizer's chat template when it has one) into ``P``
+  tokens, and the response is ``<think>...</think><action>command</action>`` (Search-QA:
+  ``<think>...</think><search>...</search>`` or ``<answer>...</answer>``) then
+  ``<eos>``. A turn costs ``P + M`` tokens whatever the episode's length.
+
+A response without ``<eos>`` in its ``M`` tokens (or, windowed, without its
+``<think>`` block or action tag) is malformed: the environment gets an empty command and
+the turn counts as invalid. Expert demonstrations go through the same codec (windowed,
+with an empty ``<think></think>``: the expert has no reasoning to show), so a clone
 learns exactly the layout the policy acts in.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atod_jax.envs.prompts import agent_format, extract_action, render_prompt
 from atod_jax.models.sharding import shard_batch
 from atod_jax.models.tokenizer import Tokenizer
-from atod_jax.rollout.trajectory import Trajectory, assemble, cache_slots, layout_length
+from atod_jax.rollout.trajectory import (Trajectory, assemble, assemble_windowed, cache_slots,
+                                         layout_length)
 from atod_jax.sampling.generate import SamplingParams, append, decode, init_cache
+
+
+LAYOUTS = ("context", "window")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextRollout:
   """Static shape of a host rollout: turns ``K``, prompt ``P``, response ``M`` and
-  observation ``O`` token slots."""
+  observation ``O`` token slots; the layout, and (windowed) the history pairs shown."""
 
   max_turns: int
   prompt_len: int = 128
   response_len: int = 16
   obs_len: int = 48
+  layout: str = "context"
+  history: int = 2
+
+  def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+  @property
+  def windowed(self) -> bool:
+    return self.layout == "window"
 
   @property
   def length(self) -> int:
+    """Token slots of a row (windowed: of one turn's segment)."""
+    if self.windowed:
+      return self.prompt_len + self.response_len
     return layout_length(self.prompt_len, self.max_turns, self.response_len, self.obs_len)
 
   @property
@@ -50,24 +83,59 @@ class TextRollout:
     return cache_slots(self.length)
 
 
-class TextCodec:
-  """Episode text <-> the token slots of a :class:`TextRollout` (see the module doc)."""
+_THOUGHT = re.compile(r"\s*<think>.*?</think>(.*)", re.DOTALL)
 
-  def __init__(self, tokenizer: Tokenizer, spec: TextRollout):
+
+class TextCodec:
+  """Episode text <-> the token slots of a :class:`TextRollout` (see the module doc);
+  ``env_kind`` picks the windowed prompts' wording and action tag."""
+
+  def __init__(self, tokenizer: Tokenizer, spec: TextRollout, env_kind: str = ""):
     self.tokenizer, self.spec = tokenizer, spec
     self.eos = tokenizer.eos_token_id
     if self.eos is None:
       raise ValueError("the tokenizer has no eos token (tokenizer_config.json eos_token)")
     self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+    self.system, self.instructions, self.action_tag = agent_format(env_kind)
 
   def prompt(self, task: str, observation: str) -> list[int]:
-    """The task (at most half the slots) then the head of the first observation."""
+    """Context layout: the task (at most half the slots) then the head of the first
+    observation."""
     head = self.tokenizer.encode(f"Task: {task}\n")[:self.spec.prompt_len // 2]
     return head + self.tokenizer.encode(observation)[:self.spec.prompt_len - len(head)]
 
+  def prompt_text(self, task: str, observation: str, history: Sequence[tuple[str, str]] = (),
+                  admissible: Sequence[str] | None = None, window: int | None = None) -> str:
+    """Window layout: one turn's prompt as text (the chat template's, when the tokenizer
+    has one, with the generation prompt; else the messages' lines)."""
+    messages = render_prompt(task, observation, history, admissible,
+                             window=self.spec.history if window is None else window,
+                             system=self.system, instructions=self.instructions)
+    if self.tokenizer.chat_template:
+      return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in messages)
+
+  def turn_prompt(self, task: str, observation: str, history: Sequence[tuple[str, str]] = (),
+                  admissible: Sequence[str] | None = None) -> list[int]:
+    """Window layout: one turn's prompt in at most ``P`` tokens. Too long: fewer history
+    pairs, then the list of admissible commands dropped, then its head (a quarter) and
+    tail kept, the tail holding the observation's end and the instructions."""
+    p = self.spec.prompt_len
+    for lists in ((admissible, None) if admissible is not None else (None,)):
+      for window in range(self.spec.history, -1, -1):
+        ids = self.tokenizer.encode(self.prompt_text(task, observation, history, lists, window))
+        if len(ids) <= p:
+          return ids
+    return ids[:p // 4] + ids[len(ids) - (p - p // 4):]
+
   def response(self, command: str) -> tuple[list[int], bool]:
     """The command's tokens then ``<eos>``, cut to ``M``; and whether it fitted."""
-    ids = self.tokenizer.encode(" " + command)
+    if self.spec.windowed:
+      action = command if self.action_tag is None else \
+          f"<{self.action_tag}>{command}</{self.action_tag}>"
+      ids = self.tokenizer.encode(f"<think></think>{action}")
+    else:
+      ids = self.tokenizer.encode(" " + command)
     fits = len(ids) <= self.spec.response_len - 1
     return ids[:self.spec.response_len - 1] + [self.eos], fits
 
@@ -75,12 +143,40 @@ class TextCodec:
     return self.tokenizer.encode("\n" + text)[:self.spec.obs_len]
 
   def command(self, ids: Sequence[int]) -> str | None:
-    """The command of a response (``None``: no ``<eos>``, malformed)."""
+    """The command of a response (``None``: malformed)."""
     ids = list(map(int, ids))
     if self.eos not in ids:
       return None
     known = [i for i in ids[:ids.index(self.eos)] if i < self.tokenizer.vocab_size]
-    return self.tokenizer.decode(known, skip_special_tokens=True).strip()
+    text = self.tokenizer.decode(known, skip_special_tokens=True).strip()
+    if not self.spec.windowed:
+      return text
+    after = _THOUGHT.fullmatch(text)
+    if after is None:
+      return None
+    rest = after.group(1).strip()
+    if self.action_tag is None:
+      return rest or None
+    parsed = extract_action(rest, require_think=False)
+    return parsed.action if parsed.ok else None
+
+
+def episode_text(spec: TextRollout, env_kind: str, episode: dict) -> str:
+  """An expert episode (:func:`~atod_jax.data.demos.collect_expert_episodes`) as the text
+  a policy with a plain tokenizer (no chat template) reads and writes: the training text
+  of :func:`train_text_tokenizer`."""
+  acts, obs = episode["actions"], episode["observations"]
+  if not spec.windowed:
+    return (f"Task: {episode['task']}\n" + "\n".join(obs) + "\n"
+            + "\n".join(" " + a for a in acts))
+  system, instructions, tag = agent_format(env_kind)
+  parts = []
+  for k, act in enumerate(acts):
+    messages = render_prompt(episode["task"], obs[k], list(zip(obs[:k], acts[:k])),
+                             window=spec.history, system=system, instructions=instructions)
+    parts.extend(m["content"] for m in messages)
+    parts.append("<think></think>" + (act if tag is None else f"<{tag}>{act}</{tag}>"))
+  return "\n".join(parts)
 
 
 def _right(rows: list[list[int]], width: int, pad: int):
@@ -112,14 +208,20 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   spec, pad = codec.spec, codec.pad
   b, kk, m, o = len(task_ids), spec.max_turns, spec.response_len, spec.obs_len
   batch = env.reset(split, list(task_ids))
-  prompt, prompt_valid = _right([codec.prompt(t, x) for t, x in
-                                 zip(batch.tasks, batch.observations)], spec.prompt_len, pad)
+  tasks, current = list(batch.tasks), list(batch.observations)
+  history: list[list[tuple[str, str]]] = [[] for _ in range(b)]
+  if spec.windowed:
+    prompt = np.full((kk, b, spec.prompt_len), pad, np.int32)
+    prompt_valid = np.zeros((kk, b, spec.prompt_len), bool)
+  else:
+    prompt, prompt_valid = _right([codec.prompt(t, x) for t, x in zip(tasks, current)],
+                                  spec.prompt_len, pad)
+    obs = np.full((kk, b, o), pad, np.int32)
+    obs_valid = np.zeros((kk, b, o), bool)
   resp = np.full((kk, b, m), pad, np.int32)
   resp_valid = np.zeros((kk, b, m), bool)
   imitate = np.zeros((kk, b, m), bool)
   resp_logp = np.zeros((kk, b, m), np.float32)
-  obs = np.full((kk, b, o), pad, np.int32)
-  obs_valid = np.zeros((kk, b, o), bool)
   rewards = np.zeros(b, np.float32)
   turns = np.zeros(b, np.int32)
   invalid = np.zeros(b, np.int32)
@@ -128,16 +230,27 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   infos = [dict(x) for x in batch.infos] if batch.infos else [{} for _ in range(b)]
   expert = sampling is None
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-  if not expert:
+
+  def prefill(tokens, valid):  # a fresh cache holding ``tokens``
     cache = init_cache(model, b, spec.cache_slots)
     cache = cache._replace(keys=put(cache.keys), values=put(cache.values),
                            valid=put(cache.valid), next_position=put(cache.next_position))
-    logits, cache = append(model, cache, *put((jnp.asarray(prompt), jnp.asarray(prompt_valid))))
+    logits, cache = append(model, cache, *put((jnp.asarray(tokens), jnp.asarray(valid))))
+    return logits, cache
+
+  if not expert:
     stop = put(jnp.full((b, 1), codec.eos, jnp.int32))
+    if not spec.windowed:
+      logits, cache = prefill(prompt, prompt_valid)
   for k in range(kk):
     live = ~done
     if not live.any():
       break
+    if spec.windowed:  # this turn's own prompt
+      prompt[k], prompt_valid[k] = _right(
+          [codec.turn_prompt(tasks[i], current[i], history[i],
+                             batch.admissible[i] if batch.admissible else None)
+           if live[i] else [] for i in range(b)], spec.prompt_len, pad)
     malformed = np.zeros(b, bool)
     actions: list[str | None] = [None] * b
     if expert:
@@ -159,6 +272,8 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
         imitate[k, i, :len(ids)] = not noisy[i]
         actions[i] = command
     else:
+      if spec.windowed:
+        logits, cache = prefill(prompt[k], prompt_valid[k])
       out = decode(model, cache, logits, jax.random.fold_in(key, k), m, sampling,
                    stop_tokens=stop, max_new=put(jnp.asarray(np.where(live, m, 0), jnp.int32)),
                    pad_id=pad)
@@ -179,17 +294,24 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
     for i in np.flatnonzero(live):
       if batch.infos and batch.infos[i]:
         infos[i].update(batch.infos[i])
+      history[i].append((current[i], actions[i]))
+      current[i] = batch.observations[i]
     now_done = batch.dones | aborted
     going = live & ~now_done
-    rows = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
-    obs[k], obs_valid[k] = _right(rows, o, pad)
     done = done | now_done
-    if not expert and not done.all() and k + 1 < kk:
-      logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
+    if not spec.windowed:
+      rows = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
+      obs[k], obs_valid[k] = _right(rows, o, pad)
+      if not expert and not done.all() and k + 1 < kk:
+        logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
   won = batch.wons.copy() & ~aborted
-  traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
-                  rewards=rewards, won=won, num_turns=turns, invalid=invalid,
-                  group_ids=group_ids, row_valid=~aborted)
+  rows = dict(rewards=rewards, won=won, num_turns=turns, invalid=invalid, group_ids=group_ids,
+              row_valid=~aborted)
+  if spec.windowed:
+    traj = assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, **rows)
+  else:
+    traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
+                    **rows)
   return traj, infos
 
 

@@ -1,10 +1,20 @@
 """The Trajectory batch: the one contract between producing data and learning from it.
 
-Axes: ``B`` trajectories, ``L`` token slots of the layout. A row is the whole multi-turn
-episode as one token sequence (prompt, then per turn the agent's response and the
-environment's answer), with ``valid`` marking real tokens: padding may sit anywhere
-(holes between turns), and RoPE positions are the running count of valid tokens, so a
-full forward over the row sees exactly the context the sampler saw.
+Two layouts, told apart by the rank of the token arrays:
+
+* **context** ``[B, L]``: a row is the whole multi-turn episode as one token sequence
+  (prompt, then per turn the agent's response and the environment's answer): every
+  response sees the whole history.
+* **window** ``[B, K, S]``: segment ``k`` of a row holds turn ``k`` alone, its own prompt
+  (the task, a short window of history and the current observation, re-rendered each
+  turn as the paper's verl-agent prompts are) then the response. The model reads each
+  segment as its own sequence (``[B * K, S]``); everything per trajectory (T-DUR's
+  turn weights, group advantages, the token mean) still sees the whole row.
+
+In both, ``valid`` marks real tokens: padding may sit anywhere (holes between turns),
+and RoPE positions are the running count of valid tokens of the sequence, so a forward
+pass sees exactly the context the sampler saw. :func:`model_rows` and :func:`flat` give
+the two views.
 """
 from __future__ import annotations
 
@@ -15,11 +25,11 @@ import jax.numpy as jnp
 
 
 class Trajectory(NamedTuple):
-  tokens: jax.Array  # [B, L] int32
-  valid: jax.Array  # [B, L] bool: a real token (prompt, response or observation)
-  gen_mask: jax.Array  # [B, L] bool: a token the policy generated (the trained tokens)
-  turn_ids: jax.Array  # [B, L] int32: turn of a generated token, -1 elsewhere
-  behaviour_logp: jax.Array  # [B, L] float32: log-prob of each generated token when
+  tokens: jax.Array  # [B, L] or [B, K, S] int32 (the layouts above)
+  valid: jax.Array  # bool: a real token (prompt, response or observation)
+  gen_mask: jax.Array  # bool: a token the policy generated (the trained tokens)
+  turn_ids: jax.Array  # int32: turn of a generated token, -1 elsewhere
+  behaviour_logp: jax.Array  # float32: log-prob of each generated token when
   # it was sampled (0 elsewhere; 0 for expert demonstrations)
   rewards: jax.Array  # [B] float32: episode return
   won: jax.Array  # [B] bool: the task was completed
@@ -32,6 +42,30 @@ class Trajectory(NamedTuple):
   def num_tokens(self) -> jax.Array:
     """Generated tokens in the batch (the tokens a step trains on)."""
     return jnp.sum(self.gen_mask)
+
+  @property
+  def windowed(self) -> bool:
+    return self.tokens.ndim == 3
+
+
+_TOKEN_FIELDS = ("tokens", "valid", "gen_mask", "turn_ids", "behaviour_logp")
+
+
+def flat(x: jax.Array) -> jax.Array:
+  """A per-token array as ``[B, L]`` (a window layout's segments side by side): the view
+  of everything computed per trajectory."""
+  return x.reshape(x.shape[0], -1)
+
+
+def model_rows(x: jax.Array) -> jax.Array:
+  """A per-token array as the sequences a model reads: ``[B, L]`` as is, ``[B, K, S]`` as
+  ``[B * K, S]`` (reshape the result back with ``.reshape(x.shape)``)."""
+  return x.reshape(-1, x.shape[-1])
+
+
+def trained_mask(traj: Trajectory) -> jax.Array:
+  """``[B, L]`` (flat): the generated tokens of the rows that count."""
+  return flat(traj.gen_mask) & traj.row_valid[:, None]
 
 
 def layout_length(prompt: int, turns: int, response: int, observation: int) -> int:
@@ -71,6 +105,35 @@ def assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, ob
   logp = jnp.concatenate([jnp.zeros(prompt.shape, jnp.float32),
                           lay(resp_logp.astype(jnp.float32), jnp.zeros(obs.shape, jnp.float32))],
                          axis=1)
+  return _finish(tokens, valid, gen, turn_ids, logp, rewards=rewards, won=won,
+                 num_turns=num_turns, invalid=invalid, group_ids=group_ids, row_valid=row_valid)
+
+
+def assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, *,
+                      rewards, won, num_turns, invalid, group_ids=None,
+                      row_valid=None) -> Trajectory:
+  """A window-layout :class:`Trajectory` (``[B, K, P + M]``): segment ``k`` is turn
+  ``k``'s prompt (``prompt*`` ``[K, B, P]``) then its response (``resp``, ``resp_valid``,
+  ``imitate``, ``resp_logp`` ``[K, B, M]``); the rest ``[B]``."""
+  resp, resp_valid, imitate, resp_logp, prompt, prompt_valid = map(
+      jnp.asarray, (resp, resp_valid, imitate, resp_logp, prompt, prompt_valid))
+  kk = resp.shape[0]
+
+  def lay(p, r):  # [K, B, P], [K, B, M] -> [B, K, P + M]
+    return jnp.concatenate([p, r], axis=-1).transpose(1, 0, 2)
+
+  turn_of = jnp.broadcast_to(jnp.arange(kk, dtype=jnp.int32)[:, None, None], resp.shape)
+  gen = lay(jnp.zeros_like(prompt_valid), imitate)
+  return _finish(lay(prompt, resp), lay(prompt_valid, resp_valid), gen,
+                 lay(jnp.full(prompt.shape, -1, jnp.int32), turn_of),
+                 lay(jnp.zeros(prompt.shape, jnp.float32), resp_logp.astype(jnp.float32)),
+                 rewards=rewards, won=won, num_turns=num_turns, invalid=invalid,
+                 group_ids=group_ids, row_valid=row_valid)
+
+
+def _finish(tokens, valid, gen, turn_ids, logp, *, rewards, won, num_turns, invalid,
+            group_ids, row_valid) -> Trajectory:
+  b = tokens.shape[0]
   return Trajectory(
       tokens=tokens.astype(jnp.int32), valid=valid, gen_mask=gen,
       turn_ids=jnp.where(gen, turn_ids, -1), behaviour_logp=jnp.where(gen, logp, 0.0),
@@ -91,31 +154,38 @@ def summarize(traj: Trajectory) -> dict[str, jax.Array]:
       "reward": mean(traj.rewards),
       "turns": mean(traj.num_turns),
       "invalid_rate": jnp.sum(traj.invalid * w) / jnp.maximum(jnp.sum(traj.num_turns * w), 1),
-      "response_tokens": jnp.sum(traj.gen_mask * w[:, None]) / n,
+      "response_tokens": jnp.sum(flat(traj.gen_mask) * w[:, None]) / n,
   }
 
 
 @jax.jit
 def pack(traj: Trajectory) -> Trajectory:
-  """Moves each row's real tokens to the front, in order (padding to the back).
+  """Moves each sequence's real tokens to the front, in order (padding to the back); in
+  the window layout, within each segment.
 
   Nothing a model computes changes (positions are the running count of valid tokens and
-  attention follows slot order), but the rows can then be cut to their longest real
+  attention follows slot order), but the sequences can then be cut to their longest real
   length (:func:`trim`): the layout's holes cost nothing in training and scoring.
   """
-  order = jnp.argsort(~traj.valid, axis=1, stable=True)
-  take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
-  return traj._replace(tokens=take(traj.tokens), valid=take(traj.valid),
-                       gen_mask=take(traj.gen_mask), turn_ids=take(traj.turn_ids),
-                       behaviour_logp=take(traj.behaviour_logp))
+  order = jnp.argsort(~traj.valid, axis=-1, stable=True)
+  take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
+  return traj._replace(**{f: take(getattr(traj, f)) for f in _TOKEN_FIELDS})
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
 
 
 def trim(traj: Trajectory, multiple: int = 64) -> Trajectory:
-  """A packed batch cut to its longest row, rounded up to ``multiple`` (a few compiled
-  shapes). Reads one number from the device."""
-  longest = int(jnp.max(jnp.sum(traj.valid, axis=1)))
-  length = min(traj.tokens.shape[1], max(multiple, -(-longest // multiple) * multiple))
-  cut = lambda x: x[:, :length]  # noqa: E731
-  return traj._replace(tokens=cut(traj.tokens), valid=cut(traj.valid),
-                       gen_mask=cut(traj.gen_mask), turn_ids=cut(traj.turn_ids),
-                       behaviour_logp=cut(traj.behaviour_logp))
+  """A packed batch cut to its longest sequence, rounded up to ``multiple``; in the
+  window layout also to its longest episode, rounded up to a power of two (a few
+  compiled shapes). Reads one or two numbers from the device."""
+  longest = int(jnp.max(jnp.sum(traj.valid, axis=-1)))
+  length = min(traj.tokens.shape[-1], _round_up(longest, multiple))
+  if traj.windowed:
+    turns = int(jnp.max(jnp.sum(jnp.any(traj.valid, axis=-1), axis=1)))
+    turns = min(traj.tokens.shape[1], 1 << max(turns - 1, 0).bit_length())
+    cut = lambda x: x[:, :turns, :length]  # noqa: E731
+  else:
+    cut = lambda x: x[:, :length]  # noqa: E731
+  return traj._replace(**{f: cut(getattr(traj, f)) for f in _TOKEN_FIELDS})

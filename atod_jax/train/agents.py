@@ -79,8 +79,8 @@ def load_model(path: str):
 def load_any(kind: str, path: str, model_fields: dict):
   """A model from an HF directory or our checkpoint; checks it matches ``model_fields``
   where the config names the architecture."""
-  if kind == "hf":
-    model = load_pretrained(path, dtype=model_fields.get("dtype", "bfloat16"))
+  if kind == "hf":  # the fields given (dtype, remat, ...) override the directory's config
+    model = load_pretrained(path, **{"dtype": "bfloat16", **model_fields})
     graphdef, params = nnx.split(model)
     return graphdef, params, model.cfg
   return load_model(path)

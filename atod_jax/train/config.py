@@ -6,6 +6,7 @@ field). :func:`validate` checks it before anything is built and raises
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
@@ -14,6 +15,7 @@ from atod_jax.envs.household import HouseholdParams
 from atod_jax.models.config import ModelConfig
 from atod_jax.objectives import ESTIMATORS, MODES, SHAPES, AGGREGATIONS
 from atod_jax.objectives.schedules import annealing_schedules
+from atod_jax.rollout.host import LAYOUTS
 
 # method -> (kappa/rho schedule override, T-DUR mode override); None: take the config's
 METHODS = ("atod", "opd", "grpo", "sft", "atod_fixed", "atod_uniform")
@@ -66,7 +68,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "env.preset", PRESETS)
   else:
     _validate_text_env(config)
-  _positive(config, "env.obs_len")
+  if config.env.get("layout", "context") == "context":  # windowed: observations sit in
+    _positive(config, "env.obs_len")  # each turn's prompt
   _positive(config, "train.steps", zero_ok=True)
   for f in ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "rollout.tasks_per_step", "rollout.group_size", "optim.learning_rate",
@@ -86,6 +89,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   rows = config.rollout.tasks_per_step * config.rollout.group_size
   _need(rows % config.optim.minibatches == 0, "optim.minibatches",
         f"must divide the {rows} trajectories of a step (tasks_per_step x group_size)")
+  if "microbatches" in config.optim:
+    _positive(config, "optim.microbatches")
+    size = rows // config.optim.minibatches
+    _need(size % config.optim.microbatches == 0, "optim.microbatches",
+          f"must divide the {size} trajectories of a mini-batch (gradient accumulation "
+          f"slices), got {config.optim.microbatches}")
   if config.method in ("grpo", "atod", "atod_fixed", "atod_uniform"):
     _need(config.rollout.group_size >= 2, "rollout.group_size",
           f"must be >= 2 for method {config.method!r} (group advantages need a group), "
@@ -104,6 +113,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       path = config[who].path
       _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
             f"{kind} directory {path!r} does not exist")
+    if kind == "hf":  # the model fields given override the directory's config
+      known = {f.name for f in dataclasses.fields(ModelConfig)}
+      for field in config[who].model:
+        _need(field in known, f"{who}.model.{field}",
+              f"not a model field (allowed: {', '.join(sorted(known))})")
   for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
     if kind in ("hf", "checkpoint"):
       continue  # the shape comes from the directory
@@ -136,6 +150,10 @@ def _validate_text_env(config) -> None:
         f"got {e.response_len}")
   for f in ("train_split", "eval_split", "tokenizer"):
     _need(isinstance(e.get(f), str) and e.get(f), f"env.{f}", "must be a non-empty string")
+  if "layout" in e:
+    _choice(config, "env.layout", LAYOUTS)
+  if "history" in e:
+    _positive(config, "env.history", zero_ok=True)
   _need("options" in e, "env.options", "missing (a dict of the environment's arguments)")
   if e.tokenizer == "build":
     _positive(config, "env.vocab_size")

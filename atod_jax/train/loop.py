@@ -148,6 +148,7 @@ def _train(config, workdir, say, quiet, mesh, tasks) -> dict:
   r, o, opt = config.rollout, config.objective, config.optim
   sched, tdur_mode = schedules(config)
   rows = r.tasks_per_step * r.group_size
+  micro = opt.get("microbatches", 1)
   sampling = SamplingParams(temperature=r.temperature)
   adv_fn = jax.jit(functools.partial(
       advantages, sched=sched, tdur_mode=tdur_mode, estimator=o.estimator,
@@ -181,16 +182,19 @@ def _train(config, workdir, say, quiet, mesh, tasks) -> dict:
           idx = jax.random.choice(shuffle, demos.tokens.shape[0], (rows,), replace=False)
           batch = shard_batch(trim(jax.tree.map(lambda x: x[idx], demos)), mesh)
           state, upd = jit_sft_update(graphdef, tx, state, batch, shuffle,
-                                      minibatches=opt.minibatches, epochs=opt.epochs)
+                                      minibatches=opt.minibatches, epochs=opt.epochs,
+                                      microbatches=micro)
         else:
-          t_logp = jit_score(t_graph, t_params, traj, temperature=1.0)
+          t_logp = jit_score(t_graph, t_params, traj, temperature=1.0,
+                             chunks=opt.minibatches * micro)
           adv, adv_metrics = adv_fn(traj, t_logp, state.step)
           if step == config.debug.nan_at_step:
             adv = adv * jnp.nan
           state, upd = jit_policy_update(
               graphdef, tx, state, traj, adv, shuffle, minibatches=opt.minibatches,
               epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
-              dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature)
+              dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature,
+              microbatches=micro)
           metrics.update(adv_metrics)
         metrics.update(upd)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 from atod_jax import objectives as obj
-from atod_jax.rollout.trajectory import Trajectory
+from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_mask
 from atod_jax.sampling.logprobs import token_logprobs
 
 
@@ -39,35 +39,81 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(params, tx.init(params), jnp.int32(0))
 
 
-def score(graphdef, params, traj: Trajectory, temperature: float = 1.0) -> jax.Array:
-  """``[B, L]`` log-prob of every token of ``traj`` under the model (the teacher's
-  scores of the student's tokens), 0 off the generated tokens."""
-  logp = token_logprobs(nnx.merge(graphdef, params), traj.tokens, traj.valid,
+def _logprobs(model, traj: Trajectory, temperature: float = 1.0) -> jax.Array:
+  """Log-prob of every token of ``traj`` (either layout: the model reads each sequence
+  of :func:`model_rows`), in ``traj.tokens``' shape."""
+  logp = token_logprobs(model, model_rows(traj.tokens), model_rows(traj.valid),
                         temperature=temperature)
+  return logp.reshape(traj.tokens.shape)
+
+
+def score(graphdef, params, traj: Trajectory, temperature: float = 1.0,
+          chunks: int = 1) -> jax.Array:
+  """Log-prob of every token of ``traj`` under the model (the teacher's scores of the
+  student's tokens), 0 off the generated tokens; ``traj.tokens``' shape. The rows go
+  through the model in ``chunks`` slices, one after another (bounded activations)."""
+  def run(params, tokens, valid):
+    return _logprobs(nnx.merge(graphdef, params), traj._replace(tokens=tokens, valid=valid),
+                     temperature)
+
+  if chunks == 1:
+    logp = run(params, traj.tokens, traj.valid)
+  else:  # params ride in the carry: an NNX module must live in the trace that uses it
+    part = lambda x: x.reshape(chunks, -1, *x.shape[1:])  # noqa: E731
+    _, logp = jax.lax.scan(lambda p, tv: (p, run(p, *tv)), params,
+                           (part(traj.tokens), part(traj.valid)))
+    logp = logp.reshape(traj.tokens.shape)
   return jnp.where(traj.gen_mask, jax.lax.stop_gradient(logp), 0.0)
 
 
 def advantages(traj: Trajectory, teacher_logp: jax.Array, step, *, sched, tdur_mode: str,
                estimator: str, num_groups: int, max_turns: int):
-  """The ATOD per-token advantages ``[B, L]`` and their diagnostics."""
-  mask = traj.gen_mask & traj.row_valid[:, None]
-  dlogp = obj.opd_signal(teacher_logp, traj.behaviour_logp, mask)
-  weights = obj.tdur_weights(traj.behaviour_logp, teacher_logp, traj.turn_ids, mask,
+  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics.
+  Everything per trajectory (T-DUR's weights, the token means) sees the whole row."""
+  mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
+  teacher_logp = flat(teacher_logp)
+  dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
+  weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
                              mode=tdur_mode, max_turns=max_turns)
   a_traj = obj.group_advantages(traj.rewards, traj.group_ids, num_groups, estimator,
                                 valid=traj.row_valid)
   kappa, rho = sched.kappa(step), sched.rho(step)
   adv = obj.atod_advantages(dlogp, weights, a_traj, mask, kappa, rho)
   tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
-  return adv, {"kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
-               "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-traj.behaviour_logp),
-               "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+  return adv.reshape(traj.tokens.shape), {
+      "kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
+      "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
+      "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+
+
+def _grads(loss_fn, params, batch, microbatches: int):
+  """``(loss, metrics), grads`` of ``loss_fn`` on ``batch``, in ``microbatches`` rows
+  slices one after another (gradient accumulation, in float32): the mean of the slices'
+  losses and gradients, so the activations of one slice only are alive at a time. With
+  row means (the ``seq_mean_*`` aggregations) and every row trained this equals the whole
+  batch's gradient; ``token_mean`` weighs the slices equally instead of by their tokens."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch)
+  slices = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+  def add(total, mb):
+    (loss, metrics), grads = grad_fn(params, mb)
+    total = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads)
+    return total, dict(metrics, loss=loss)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, metrics = jax.lax.scan(add, zeros, slices)
+  grads = jax.tree.map(lambda t, p: (t / microbatches).astype(p.dtype), total, params)
+  metrics = jax.tree.map(jnp.mean, metrics)
+  return (metrics.pop("loss"), metrics), grads
 
 
 def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, minibatches: int,
-                      epochs: int):
+                      epochs: int, microbatches: int = 1):
   """``epochs`` passes over ``batch`` (a pytree of ``[B, ...]`` arrays) in
-  ``minibatches`` shuffled mini-batches; returns the new state and mean metrics."""
+  ``minibatches`` shuffled mini-batches (one optimizer step each, its gradient
+  accumulated over ``microbatches`` slices); returns the new state and mean metrics."""
   rows = jax.tree.leaves(batch)[0].shape[0]
   size = rows // minibatches
   order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
@@ -76,7 +122,7 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, minibatches: i
   def one(carry, idx):
     params, opt_state = carry
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+    (loss, metrics), grads = _grads(loss_fn, params, mb, microbatches)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -88,29 +134,30 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, minibatches: i
 
 def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key, *,
                   minibatches: int, epochs: int, clip_eps: float, clip_eps_high: float,
-                  dual_clip: float, aggregation: str, temperature: float):
+                  dual_clip: float, aggregation: str, temperature: float,
+                  microbatches: int = 1):
   """One clipped-surrogate update (all mini-batches and epochs) on a rollout batch."""
   def loss_fn(params, mb):
     traj, adv = mb
-    logp = token_logprobs(nnx.merge(graphdef, params), traj.tokens, traj.valid,
-                          temperature=temperature)
-    mask = traj.gen_mask & traj.row_valid[:, None]
-    return obj.clipped_policy_loss(logp, traj.behaviour_logp, adv, mask, clip_eps,
+    logp = _logprobs(nnx.merge(graphdef, params), traj, temperature)
+    return obj.clipped_policy_loss(flat(logp), flat(traj.behaviour_logp), flat(adv),
+                                   trained_mask(traj), clip_eps,
                                    clip_eps_high=clip_eps_high or None,
                                    dual_clip=dual_clip or None, aggregation=aggregation)
 
-  return _minibatch_update(loss_fn, tx, state, (traj, adv), key, minibatches, epochs)
+  return _minibatch_update(loss_fn, tx, state, (traj, adv), key, minibatches, epochs,
+                           microbatches)
 
 
 def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, *, minibatches: int,
-               epochs: int = 1):
+               epochs: int = 1, microbatches: int = 1):
   """Behaviour cloning: maximise the log-likelihood of the generated (expert) tokens."""
   def loss_fn(params, traj):
-    logp = token_logprobs(nnx.merge(graphdef, params), traj.tokens, traj.valid)
-    nll = -obj.aggregate_tokens(logp, traj.gen_mask, "seq_mean_token_mean")
+    logp = _logprobs(nnx.merge(graphdef, params), traj)
+    nll = -obj.aggregate_tokens(flat(logp), flat(traj.gen_mask), "seq_mean_token_mean")
     return nll, {}
 
-  return _minibatch_update(loss_fn, tx, state, traj, key, minibatches, epochs)
+  return _minibatch_update(loss_fn, tx, state, traj, key, minibatches, epochs, microbatches)
 
 
 # Jitted entry points: the model structure and the optimizer are static; the state is
@@ -118,9 +165,10 @@ def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, *, miniba
 jit_policy_update = functools.partial(
     jax.jit, static_argnums=(0, 1),
     static_argnames=("minibatches", "epochs", "clip_eps", "clip_eps_high", "dual_clip",
-                     "aggregation", "temperature"),
+                     "aggregation", "temperature", "microbatches"),
     donate_argnums=(2,))(policy_update)
 jit_sft_update = functools.partial(
-    jax.jit, static_argnums=(0, 1), static_argnames=("minibatches", "epochs"),
+    jax.jit, static_argnums=(0, 1), static_argnames=("minibatches", "epochs", "microbatches"),
     donate_argnums=(2,))(sft_update)
-jit_score = functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature",))(score)
+jit_score = functools.partial(jax.jit, static_argnums=(0,),
+                              static_argnames=("temperature", "chunks"))(score)

@@ -16,13 +16,15 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from atod_jax.envs.household import HouseholdParams
 from atod_jax.models.sharding import shard_batch, state_shardings
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.rollout.device import HouseholdRollout
-from atod_jax.rollout.host import TextCodec, TextRollout, host_rollout, train_text_tokenizer
+from atod_jax.rollout.host import (TextCodec, TextRollout, episode_text, host_rollout,
+                                   train_text_tokenizer)
 from atod_jax.rollout.trajectory import Trajectory, summarize
 from atod_jax.sampling.generate import SamplingParams
 from atod_jax.train import agents
@@ -81,13 +83,14 @@ class TextTasks:
     e = config.env
     self.name = e.kind
     self.max_turns = e.max_turns
-    self.spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len)
+    self.spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
+                            layout=e.get("layout", "context"), history=e.get("history", 2))
     self.pool = EnvPool(_factory(e), num_workers=e.workers, step_timeout=e.step_timeout,
                         start_timeout=max(600.0, e.step_timeout))
     self.num_train = self.pool.num_tasks(e.train_split)
     self.num_eval = self.pool.num_tasks(e.eval_split)
     self.tokenizer = self._tokenizer(tokenizer_dir, say)
-    self.codec = TextCodec(self.tokenizer, self.spec)
+    self.codec = TextCodec(self.tokenizer, self.spec, e.kind)
 
   def _tokenizer(self, path: str, say) -> Tokenizer:
     e = self.config.env
@@ -105,10 +108,8 @@ class TextTasks:
     n = min(e.tokenizer_episodes, self.num_train)
     say(f"tokenizer: training a {e.vocab_size}-token BPE on {n} expert episodes of "
         f"{e.kind}/{e.train_split}")
-    texts = []
-    for ep in collect_expert_episodes(self.pool, e.train_split, range(n), batch_size=16):
-      texts.append(f"Task: {ep['task']}\n" + "\n".join(ep["observations"]) + "\n" +
-                   "\n".join(" " + a for a in ep["actions"]))
+    texts = [episode_text(self.spec, e.kind, ep) for ep in
+             collect_expert_episodes(self.pool, e.train_split, range(n), batch_size=16)]
     tok = train_text_tokenizer(texts, e.vocab_size, path)
     with open(stamp, "w") as f:
       json.dump(fingerprint, f)
@@ -137,14 +138,19 @@ class TextTasks:
     return traj
 
   def expert_demos(self, seed: int, episodes: int, noise: float = 0.0) -> Trajectory:
-    traj, _ = host_rollout(None, self.codec, self.pool, self.config.env.train_split,
-                           self._ids(seed, agents.DEMOS, 0, episodes),
-                           agents.draw(seed, agents.DEMOS, 1), sampling=None, expert_noise=noise)
-    return traj
+    """The expert on ``episodes`` training tasks, ``env.eval_batch`` at a time (a reset
+    of hundreds of games at once would outlast ``env.step_timeout`` where making a game
+    is slow, as TextWorld's first time)."""
+    ids, size = self._ids(seed, agents.DEMOS, 0, episodes), self.config.env.eval_batch
+    parts = [host_rollout(None, self.codec, self.pool, self.config.env.train_split,
+                          ids[start:start + size], agents.draw(seed, agents.DEMOS, 1 + start),
+                          sampling=None, expert_noise=noise)[0]
+             for start in range(0, len(ids), size)]
+    return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int):
     """The first ``episodes`` tasks of the evaluation split (all of them if fewer), in
-    batches of ``env.eval_batch``; adds ``success/<type>`` where the env has task types."""
+    batches of ``env.eval_batch`` (the episodes of one host rollout); adds ``success/<type>`` where the env has task types."""
     model = self._model(graphdef, params)
     n = min(episodes, self.num_eval)
     batch = self.config.env.eval_batch

@@ -41,6 +41,10 @@ def behaviour_clone(graphdef, params, tasks, *, episodes: int, steps: int,
   valid = jax.device_get(demos.row_valid)
   if not valid.all():  # episodes lost to an environment failure are not demonstrations
     demos = jax.tree.map(lambda x: x[valid], demos)
+    if not valid.any():
+      raise RuntimeError(f"{desc}: all {episodes} expert episodes were lost to environment "
+                         "failures (a worker crashed or a step outlasted env.step_timeout; "
+                         "the log above has the workers' errors)")
     episodes = int(valid.sum())
   # warm-up then cosine decay: a constant rate leaves the clone's success swinging by tens
   # of points from one step to the next
@@ -88,7 +92,7 @@ def reinforce(graphdef, params, tasks, config, *, steps: int, learning_rate: flo
         graphdef, tx, state, traj, adv, agents.draw(config.seed, agents.SHUFFLE, step),
         minibatches=optim.minibatches, epochs=optim.epochs, clip_eps=o.clip_eps,
         clip_eps_high=o.clip_eps_high, dual_clip=o.dual_clip, aggregation=o.aggregation,
-        temperature=r.temperature)
+        temperature=r.temperature, microbatches=optim.get("microbatches", 1))
     success.append(float(jnp.mean(traj.won.astype(jnp.float32) * traj.row_valid) /
                          jnp.maximum(jnp.mean(traj.row_valid.astype(jnp.float32)), 1e-9)))
     bar.set_postfix(success=f"{success[-1]:.2f}")

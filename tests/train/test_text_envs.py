@@ -93,6 +93,13 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
   tok_dir = str(tmp_path / "tok")
   tok = train_text_tokenizer(["<search>who wrote it</search> <answer>Paris</answer>"] * 4,
                              300, tok_dir)
+  with open(os.path.join(tok_dir, "tokenizer_config.json")) as f:
+    tok_config = json.load(f)
+  tok_config["chat_template"] = (  # ChatML, as Qwen's: the windowed prompts go through it
+      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(tok_config, f)
   cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                     num_kv_heads=1, head_dim=16, intermediate_size=64, model_type="qwen3",
                     qk_norm=True, dtype="float32", param_dtype="float32")
@@ -103,7 +110,8 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
          f"--workdir={work}", f"--config.student.path={hf}", f"--config.teacher.path={hf}",
          "--config.student.model.dtype=float32", "--config.teacher.model.dtype=float32",
          f"--config.env.options.corpus={hotpot}", "--config.env.workers=2",
-         "--config.env.response_len=8", "--config.env.obs_len=32", "--config.env.eval_batch=4",
+         "--config.env.prompt_len=384", "--config.env.response_len=16",
+         "--config.env.eval_batch=4", "--config.optim.microbatches=2",
          "--config.rollout.tasks_per_step=2", "--config.rollout.group_size=2",
          "--config.optim.minibatches=2", "--config.optim.learning_rate=1e-3",
          "--config.train.steps=1", "--config.train.eval_every=1", "--config.eval.episodes=4"]

@@ -227,6 +227,39 @@ def test_sharded_update_equals_one_device():
              zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
 
 
+def test_gradient_accumulation_equals_the_whole_minibatch():
+  """optim.microbatches: 4 slices of accumulated gradients give the update of the whole
+  mini-batch (every row trained, row-mean loss); teacher scoring in 4 chunks gives the
+  same scores."""
+  from atod_jax.rollout import HouseholdRollout, pack, trim
+  from atod_jax.envs.household import HouseholdParams
+  from atod_jax.sampling import SamplingParams
+  from atod_jax.train.config import model_config
+  from atod_jax.train.steps import jit_score
+  config = tiny_config.get_config()
+  spec = HouseholdRollout(HouseholdParams.preset("easy"), 24)
+  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
+  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
+  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
+      params, keys, jax.random.key(0), groups)))
+  assert bool(traj.gen_mask.any(axis=1).all())
+  scores = jit_score(graphdef, params, traj)
+  np.testing.assert_allclose(jit_score(graphdef, params, traj, chunks=4), scores, atol=1e-6)
+  adv = jax.random.normal(jax.random.key(2), traj.tokens.shape) * traj.gen_mask
+  tx = make_optimizer(config.optim)
+  kw = dict(minibatches=2, epochs=1, clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,
+            aggregation="seq_mean_token_mean", temperature=1.0)
+  copy = lambda t: jax.tree.map(lambda x: np.array(x), t)  # noqa: E731
+  whole, m1 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
+                                jax.random.key(5), **kw)
+  sliced, m4 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
+                                 jax.random.key(5), microbatches=4, **kw)
+  np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(sliced.params), jax.tree.leaves(whole.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 @trainer_group
 def test_teacher_and_student_from_directories_and_hf_export(reference):
   """A teacher from our checkpoint, a student from an HF directory: the run trains it and
