@@ -307,3 +307,30 @@ def test_sft_baseline_trains_on_expert_episodes(reference):
   assert [r["step"] for r in train] == [0, 1]
   assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train)  # an NLL
   assert "kappa" not in train[0]  # no teacher, no advantages
+
+
+def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
+  """The real-environment and paper-scale fields: a wrong layout, gradient-accumulation
+  slices that do not divide a mini-batch, an HF model override that is no model field."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "sqa", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "searchqa_qwen3.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  for change, field in [(dict(layout="stack"), "config.env.layout"),
+                        (dict(microbatches=3), "config.optim.microbatches"),
+                        (dict(model_field="flash"), "config.student.model.flash"),
+                        (dict(history=-1), "config.env.history")]:
+    config = module.get_config()
+    config.student.path = config.teacher.path = str(hf)
+    if "layout" in change or "history" in change:
+      config.env.update(change)
+    elif "microbatches" in change:
+      config.optim.microbatches = change["microbatches"]
+    else:
+      config.student.model.flash = True
+    with pytest.raises(ConfigError) as e:
+      validate(config)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value), str(e.value)
