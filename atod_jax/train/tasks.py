@@ -176,9 +176,10 @@ class TextTasks:
 
 
 def env_fingerprint(env_config) -> dict:
-  """The env settings that shape episodes (not how many workers run them)."""
-  return {k: v for k, v in env_config.to_dict().items()
-          if k not in ("workers", "step_timeout", "eval_batch")}
+  """The env settings that shape episodes (not how many workers run them), as JSON
+  gives them back (tuples as lists), so a stored fingerprint compares equal."""
+  return json.loads(json.dumps({k: v for k, v in env_config.to_dict().items()
+                                if k not in ("workers", "step_timeout", "eval_batch")}))
 
 
 def tokenizer_dir(config, workdir: str) -> str:

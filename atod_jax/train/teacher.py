@@ -103,8 +103,11 @@ _TEACHER_STEPS = 1_000_000
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict:
-  return {"model": config.teacher.model.to_dict(), "build": config.teacher.build.to_dict(),
-          "env": config.env.to_dict()}
+  """What makes a built teacher, as JSON gives it back (tuples as lists: the stored copy
+  must compare equal)."""
+  return json.loads(json.dumps({"model": config.teacher.model.to_dict(),
+                                "build": config.teacher.build.to_dict(),
+                                "env": config.env.to_dict()}))
 
 
 def get_teacher(config: ml_collections.ConfigDict, tasks, workdir: str, say=print):
@@ -149,8 +152,8 @@ def teacher_eval(config, graphdef, params, tasks, info: dict, workdir: str) -> d
   """The teacher's held-out evaluation under the run's protocol, cached by protocol next
   to a built teacher (so runs sharing it evaluate it once) or in the workdir."""
   e = config.eval
-  protocol = {"episodes": e.episodes, "temperature": e.temperature, "seed": e.seed,
-              "env": config.env.to_dict()}
+  protocol = json.loads(json.dumps({"episodes": e.episodes, "temperature": e.temperature,
+                                    "seed": e.seed, "env": config.env.to_dict()}))
   cache_file = os.path.join(info.get("dir", workdir), "teacher_eval.json")
   who = info.get("fingerprint", info.get("path"))
   if os.path.exists(cache_file):

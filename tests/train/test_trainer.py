@@ -334,3 +334,15 @@ def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
       validate(config)
     assert str(e.value).startswith(field) and "\n" not in str(e.value), str(e.value)
+
+
+def test_cache_fingerprints_survive_their_json_round_trip():
+  """A built teacher / tokenizer / teacher evaluation is reused when the stored
+  fingerprint equals the run's: with tuples in the config (textworld_tiny's splits) the
+  JSON copy holds lists, which used to compare unequal and rebuilt them every run."""
+  from atod_jax.train.tasks import env_fingerprint
+  from atod_jax.train.teacher import _fingerprint
+  config = tiny_config.get_config()
+  config.env.splits = (0, 1, 2)
+  for fp in (_fingerprint(config), env_fingerprint(config.env)):
+    assert json.loads(json.dumps(fp)) == fp
