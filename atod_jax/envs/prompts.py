@@ -75,7 +75,7 @@ def render_prompt(
       (:func:`agent_format` has them per environment).
   """
   step = len(history)
-  lines = [f"Your task is to: {task}."]
+  lines = [f"Your task is to: {task}" + ("" if task.rstrip().endswith((".", "?", "!")) else ".")]
   if step:
     shown = history[-window:] if window > 0 else []
     lines.append(f"Prior to this step, you have already taken {step} step(s). Below are the "

@@ -10,6 +10,8 @@ def test_prompt_first_turn_and_window():
   assert text.startswith("Your task is to: put a mug in/on cabinet.")
   assert "Prior to this step" not in text
   assert "step 1 and your current observation is: You are in the middle of a room." in text
+  question = render_prompt("Who wrote it?", "Question: Who wrote it?")[1]["content"]
+  assert question.startswith("Your task is to: Who wrote it?\n")
   assert "['go to cabinet 1', 'look']" in text and text.endswith(INSTRUCTIONS)
 
   history = [(f"obs {i}", f"act {i}") for i in range(1, 6)]
