@@ -102,6 +102,8 @@ def main(argv):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  task_name = (f"household-{base.env.preset}" if base.env.kind == "household"
+               else base.env.kind)
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for method in methods:
     steps = curves[method][0][0]
@@ -111,7 +113,7 @@ def main(argv):
     ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
   ax.axhline(teacher["eval/success"], color="k", ls="--", label="teacher")
   ax.set(xlabel="training step", ylabel=f"held-out success (T={base.eval.temperature})",
-         title=f"household-{base.env.preset}: mean ± std over {len(seeds)} seeds",
+         title=f"{task_name}: mean ± std over {len(seeds)} seeds",
          ylim=(-0.02, 1.02))
   ax.legend(fontsize=8)
   fig.tight_layout()
