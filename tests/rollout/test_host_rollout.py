@@ -130,13 +130,19 @@ def _window_codec(tmp_path, turns=6, prompt_len=512, response_len=40, history=2)
   return env, TextCodec(tok, spec, "household")
 
 
-def test_windowed_turns_each_see_their_own_prompt_and_logprobs_match(tmp_path):
+def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
+  """Each turn's segment holds its own prompt and response; read alone it gives the
+  recorded log-probs; pack + trim keep every generated token's score; the advantages
+  see the whole row (T-DUR over turn ids 0..K-1 across segments)."""
+  from atod_jax import objectives as obj
+  from atod_jax.rollout.trajectory import pack, trim
+  from atod_jax.train import steps
   env, codec = _window_codec(tmp_path)
   model = _model(codec, layers=2)
-  traj, _ = host_rollout(model, codec, env, "train", [0, 1, 2], jax.random.key(1),
-                         sampling=SamplingParams(temperature=1.0))
+  traj, _ = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
+                         sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
   b, k, s = traj.tokens.shape
-  assert (b, k, s) == (3, 6, 512 + 40) and traj.windowed
+  assert (b, k, s) == (4, 6, 512 + 40) and traj.windowed
   # each segment read alone (its own sequence) gives the recorded behaviour log-probs
   full = token_logprobs(model, traj.tokens.reshape(-1, s), traj.valid.reshape(-1, s))
   np.testing.assert_allclose(np.where(traj.gen_mask, full.reshape(b, k, s), 0.0),
@@ -153,6 +159,26 @@ def test_windowed_turns_each_see_their_own_prompt_and_logprobs_match(tmp_path):
       assert ("Prior to this step" in prompt) == (turn > 0)
       ids = np.asarray(traj.turn_ids[row, turn])[np.asarray(traj.gen_mask[row, turn])]
       assert (ids == turn).all()
+
+  graphdef, params = nnx.split(model)
+  cut = trim(pack(traj), multiple=16)
+  assert cut.tokens.shape[2] < traj.tokens.shape[2]
+  a, b_ = steps.score(graphdef, params, traj), steps.score(graphdef, params, cut)
+  np.testing.assert_allclose(np.sort(np.asarray(a)[np.asarray(traj.gen_mask)]),
+                             np.sort(np.asarray(b_)[np.asarray(cut.gen_mask)]), atol=1e-5)
+  teacher = a + 0.1 * jnp.where(traj.gen_mask, 1.0, 0.0)
+  sched = obj.annealing_schedules(10)
+  adv, _ = steps.advantages(traj, teacher, 3, sched=sched, tdur_mode="soft_or",
+                            estimator="grpo", num_groups=2, max_turns=6)
+  assert adv.shape == traj.tokens.shape
+  flat = lambda x: x.reshape(4, -1)  # noqa: E731
+  mask = flat(traj.gen_mask)
+  w = obj.tdur_weights(flat(traj.behaviour_logp), flat(teacher), flat(traj.turn_ids), mask,
+                       mode="soft_or", max_turns=6)
+  g = obj.group_advantages(traj.rewards, traj.group_ids, 2, "grpo")
+  want = obj.atod_advantages(obj.opd_signal(flat(teacher), flat(traj.behaviour_logp), mask),
+                             w, g, mask, sched.kappa(3), sched.rho(3))
+  np.testing.assert_allclose(flat(adv), want, atol=1e-6)
 
 
 def test_windowed_expert_responses_and_history(tmp_path):
@@ -187,36 +213,3 @@ def test_windowed_parser_and_prompt_budget(tmp_path):
   text = codec.tokenizer.decode(ids)
   assert text.rstrip().endswith("<action> </action> tags.") and "Action 5" in text
   assert "Action 4" not in text
-
-
-def test_windowed_batch_trains_like_its_segments(tmp_path):
-  """pack + trim keep every generated token's score; the update reads each segment as its
-  own sequence: a [B, K, S] batch's loss equals the loss computed by hand from
-  per-segment log-probs."""
-  from atod_jax import objectives as obj
-  from atod_jax.rollout.trajectory import pack, trim
-  from atod_jax.train import steps
-  env, codec = _window_codec(tmp_path)
-  model = _model(codec, layers=1)
-  traj, _ = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(2),
-                         sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
-  graphdef, params = nnx.split(model)
-  cut = trim(pack(traj), multiple=16)
-  assert cut.tokens.shape[2] < traj.tokens.shape[2]
-  a, b_ = steps.score(graphdef, params, traj), steps.score(graphdef, params, cut)
-  np.testing.assert_allclose(np.sort(np.asarray(a)[np.asarray(traj.gen_mask)]),
-                             np.sort(np.asarray(b_)[np.asarray(cut.gen_mask)]), atol=1e-5)
-  teacher = a + 0.1 * jnp.where(traj.gen_mask, 1.0, 0.0)
-  sched = obj.annealing_schedules(10)
-  adv, _ = steps.advantages(traj, teacher, 3, sched=sched, tdur_mode="soft_or",
-                            estimator="grpo", num_groups=2, max_turns=6)
-  assert adv.shape == traj.tokens.shape
-  # by hand: T-DUR over the flattened row (turn ids 0..K-1 across segments)
-  flat = lambda x: x.reshape(4, -1)  # noqa: E731
-  mask = flat(traj.gen_mask)
-  w = obj.tdur_weights(flat(traj.behaviour_logp), flat(teacher), flat(traj.turn_ids), mask,
-                       mode="soft_or", max_turns=6)
-  g = obj.group_advantages(traj.rewards, traj.group_ids, 2, "grpo")
-  want = obj.atod_advantages(obj.opd_signal(flat(teacher), flat(traj.behaviour_logp), mask),
-                             w, g, mask, sched.kappa(3), sched.rho(3))
-  np.testing.assert_allclose(flat(adv), want, atol=1e-6)
