@@ -132,14 +132,15 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
   return jnp.moveaxis(out, 0, 1).reshape(b, n_blocks * q_block, kh, g, d)[:, :t]
 
 
-KEY_BLOCK = 64  # cache slots per step of the decode-time attention loop
+KEY_BLOCK = 128  # cache slots per step of the cache attention loop (appends, prefills)
+ONE_QUERY_KEY_BLOCK = 64  # ... of a decode step (one new token a row): best on XLA:CPU
 
 
 def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
   """Attention of new tokens to a KV cache that reads only the live part of the cache.
 
   Same arguments and result as :func:`attend`. The slots are visited in blocks of
-  ``KEY_BLOCK`` with an online softmax, up to the block holding the last query, so a
+  ``KEY_BLOCK`` (``ONE_QUERY_KEY_BLOCK`` for a decode step) with an online softmax, up to the block holding the last query, so a
   decode step costs in proportion to the context so far, not to the cache size (a
   cache sized for 50 turns costs nothing extra on turn 1). Not differentiable in
   reverse mode (a dynamic trip count): training uses :func:`attend`.
@@ -152,8 +153,8 @@ def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
   if slots % kb:
     return attend(q, keys, values, key_valid, first_slot)
   scale = d ** -0.5
-  if t == 1:
-    return _attend_one(q, keys, values, key_valid, first_slot, kb)
+  if t == 1 and slots % ONE_QUERY_KEY_BLOCK == 0:
+    return _attend_one(q, keys, values, key_valid, first_slot, ONE_QUERY_KEY_BLOCK)
   q_slot = first_slot + jnp.arange(t)
   qf = q.astype(jnp.float32) * scale
 
