@@ -39,9 +39,11 @@ class Tokenizer:
   """Encode / decode text and render chat prompts for a model directory."""
 
   def __init__(self, tokenizer: _HFTokenizer, config: dict[str, Any] | None = None,
-               chat_template: str | None = None):
+               chat_template: str | None = None,
+               generation_config: dict[str, Any] | None = None):
     self._tok = tokenizer
     self.config = dict(config or {})
+    self.generation_config = dict(generation_config or {})
     self.chat_template = chat_template or self.config.get("chat_template")
     if isinstance(self.chat_template, list):  # named templates: use "default"
       named = {t["name"]: t["template"] for t in self.chat_template}
@@ -64,7 +66,12 @@ class Tokenizer:
     if os.path.isfile(jinja_file):
       with open(jinja_file) as f:
         template = f.read()
-    return cls(_HFTokenizer.from_file(file), config, template)
+    generation = {}
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_file):
+      with open(gen_file) as f:
+        generation = json.load(f)
+    return cls(_HFTokenizer.from_file(file), config, template, generation)
 
   # ------------------------------------------------------------------ tokens
   def _special(self, name: str) -> str | None:
@@ -81,6 +88,17 @@ class Tokenizer:
   def eos_token_id(self) -> int | None:
     eos = self._special("eos_token")
     return None if eos is None else self._tok.token_to_id(eos)
+
+  @property
+  def stop_token_ids(self) -> list[int]:
+    """The tokens that end a generated answer: eos, then those of the directory's
+    ``generation_config.json`` (Qwen3 lists ``<|im_end|>`` and ``<|endoftext|>``)."""
+    out = [] if self.eos_token_id is None else [self.eos_token_id]
+    extra = self.generation_config.get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [] if extra is None else [extra]:
+      if int(i) not in out:
+        out.append(int(i))
+    return out
 
   @property
   def pad_token_id(self) -> int | None:

@@ -23,7 +23,8 @@ Two layouts (:class:`TextRollout` ``layout``), the two of
   ``<think>...</think><search>...</search>`` or ``<answer>...</answer>``) then
   ``<eos>``. A turn costs ``P + M`` tokens whatever the episode's length.
 
-A response without ``<eos>`` in its ``M`` tokens (or, windowed, without its
+A response without ``<eos>`` (or another stop token of the model's
+``generation_config.json``) in its ``M`` tokens (or, windowed, without its
 ``<think>`` block or action tag) is malformed: the environment gets an empty command and
 the turn counts as invalid. Expert demonstrations go through the same codec (windowed,
 with an empty ``<think></think>``: the expert has no reasoning to show), so a clone
@@ -95,6 +96,7 @@ class TextCodec:
     self.eos = tokenizer.eos_token_id
     if self.eos is None:
       raise ValueError("the tokenizer has no eos token (tokenizer_config.json eos_token)")
+    self.stops = tokenizer.stop_token_ids  # eos first: what the expert's answers end with
     self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
     self.system, self.instructions, self.action_tag = agent_format(env_kind)
 
@@ -145,9 +147,10 @@ class TextCodec:
   def command(self, ids: Sequence[int]) -> str | None:
     """The command of a response (``None``: malformed)."""
     ids = list(map(int, ids))
-    if self.eos not in ids:
+    end = next((n for n, i in enumerate(ids) if i in self.stops), None)
+    if end is None:
       return None
-    known = [i for i in ids[:ids.index(self.eos)] if i < self.tokenizer.vocab_size]
+    known = [i for i in ids[:end] if i < self.tokenizer.vocab_size]
     text = self.tokenizer.decode(known, skip_special_tokens=True).strip()
     if not self.spec.windowed:
       return text
@@ -239,7 +242,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
     return logits, cache
 
   if not expert:
-    stop = put(jnp.full((b, 1), codec.eos, jnp.int32))
+    stop = put(jnp.tile(jnp.asarray(codec.stops, jnp.int32), (b, 1)))
     if not spec.windowed:
       logits, cache = prefill(prompt, prompt_valid)
   for k in range(kk):

@@ -82,6 +82,21 @@ def test_encode_decode_and_special_tokens(tok_dir):
   assert ours.vocab_size == len(ref)
 
 
+def test_stop_tokens_from_generation_config(tok_dir, tmp_path):
+  import json
+  import shutil
+  assert Tokenizer.from_pretrained(tok_dir).stop_token_ids == [
+      Tokenizer.from_pretrained(tok_dir).token_to_id("<|im_end|>")]
+  path = tmp_path / "with_generation_config"
+  shutil.copytree(tok_dir, path)
+  ours = Tokenizer.from_pretrained(path)
+  end, text = ours.token_to_id("<|im_end|>"), ours.token_to_id("<|endoftext|>")
+  with open(path / "generation_config.json", "w") as f:  # as Qwen3's
+    json.dump({"eos_token_id": [end, text], "pad_token_id": text}, f)
+  assert Tokenizer.from_pretrained(path).stop_token_ids == [end, text]
+  assert transformers.GenerationConfig.from_pretrained(path).eos_token_id == [end, text]
+
+
 def test_errors(tok_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="tokenizer.json"):
     Tokenizer.from_pretrained(tmp_path)

@@ -206,6 +206,15 @@ def test_windowed_parser_and_prompt_budget(tmp_path):
   assert codec.command(enc("<action>go north</action>")) is None  # no <think> block
   assert codec.command(enc("<think>x</think>go north")) is None  # no action tag
   assert codec.command(codec.tokenizer.encode("<think></think><action>look</action>")) is None
+  # a second stop token from generation_config.json (as Qwen3's <|endoftext|>) ends an answer
+  from atod_jax.models.tokenizer import Tokenizer
+  tok = codec.tokenizer
+  other = tok.token_to_id("<pad>")
+  two = TextCodec(Tokenizer(tok._tok, tok.config, None, {"eos_token_id": [codec.eos, other]}),
+                  codec.spec, "household")
+  assert two.stops == [codec.eos, other]
+  answer = tok.encode("<think>x</think><action>look</action>")
+  assert two.command(answer + [other]) == "look" and codec.command(answer + [other]) is None
   history = [(f"observation {i} " * 20, f"action {i}") for i in range(5)]
   ids = codec.turn_prompt("a task", "the current observation", history)
   assert len(ids) <= 400
