@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from atod_jax.data.demos import collect_expert_episodes
@@ -104,9 +105,10 @@ def test_aborted_episodes_are_masked(tmp_path):
   assert not bool(traj.won[1]) and bool(traj.won[0])
 
 
-def test_on_8_devices_the_rollout_is_the_same(tmp_path):
+@pytest.mark.parametrize("layout", ["context", "window"])
+def test_on_8_devices_the_rollout_is_the_same(tmp_path, layout):
   from atod_jax.models.sharding import make_mesh
-  env, codec = _codec(tmp_path)
+  env, codec = _codec(tmp_path) if layout == "context" else _window_codec(tmp_path, turns=3)
   model = _model(codec, layers=1)
   ids = list(range(8))
   one, _ = host_rollout(model, codec, env, "train", ids, jax.random.key(3),
