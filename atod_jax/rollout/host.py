@@ -87,6 +87,12 @@ class TextRollout:
 _THOUGHT = re.compile(r"\s*<think>.*?</think>(.*)", re.DOTALL)
 
 
+def _expert_answer(command: str, tag: str | None) -> str:
+  """A windowed answer for an expert command: an empty ``<think>`` block, then the
+  command in its tag (as is where it carries its own, as Search-QA's)."""
+  return "<think></think>" + (command if tag is None else f"<{tag}>{command}</{tag}>")
+
+
 class TextCodec:
   """Episode text <-> the token slots of a :class:`TextRollout` (see the module doc);
   ``env_kind`` picks the windowed prompts' wording and action tag."""
@@ -133,9 +139,7 @@ class TextCodec:
   def response(self, command: str) -> tuple[list[int], bool]:
     """The command's tokens then ``<eos>``, cut to ``M``; and whether it fitted."""
     if self.spec.windowed:
-      action = command if self.action_tag is None else \
-          f"<{self.action_tag}>{command}</{self.action_tag}>"
-      ids = self.tokenizer.encode(f"<think></think>{action}")
+      ids = self.tokenizer.encode(_expert_answer(command, self.action_tag))
     else:
       ids = self.tokenizer.encode(" " + command)
     fits = len(ids) <= self.spec.response_len - 1
@@ -178,7 +182,7 @@ def episode_text(spec: TextRollout, env_kind: str, episode: dict) -> str:
     messages = render_prompt(episode["task"], obs[k], list(zip(obs[:k], acts[:k])),
                              window=spec.history, system=system, instructions=instructions)
     parts.extend(m["content"] for m in messages)
-    parts.append("<think></think>" + (act if tag is None else f"<{tag}>{act}</{tag}>"))
+    parts.append(_expert_answer(act, tag))
   return "\n".join(parts)
 
 
