@@ -140,9 +140,10 @@ def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
   """Attention of new tokens to a KV cache that reads only the live part of the cache.
 
   Same arguments and result as :func:`attend`. The slots are visited in blocks of
-  ``KEY_BLOCK`` (``ONE_QUERY_KEY_BLOCK`` for a decode step) with an online softmax, up to the block holding the last query, so a
-  decode step costs in proportion to the context so far, not to the cache size (a
-  cache sized for 50 turns costs nothing extra on turn 1). Not differentiable in
+  ``KEY_BLOCK`` (``ONE_QUERY_KEY_BLOCK`` for a decode step) with an online softmax, up
+  to the block holding the last query, so a decode step costs in proportion to the
+  context so far, not to the cache size (a cache sized for 50 turns costs nothing extra
+  on turn 1). Not differentiable in
   reverse mode (a dynamic trip count): training uses :func:`attend`.
   """
   b, t, kh, g, d = q.shape
@@ -152,62 +153,48 @@ def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
     kb //= 2
   if slots % kb:
     return attend(q, keys, values, key_valid, first_slot)
-  scale = d ** -0.5
+  qf = q.astype(jnp.float32) * d ** -0.5
   if t == 1 and slots % ONE_QUERY_KEY_BLOCK == 0:
-    return _attend_one(q, keys, values, key_valid, first_slot, ONE_QUERY_KEY_BLOCK)
+    # a decode step: no query axis, which XLA:CPU turns into smaller, faster batched dots
+    out = _online_softmax(qf[:, 0], keys, values, "kg", ONE_QUERY_KEY_BLOCK,
+                          (first_slot + ONE_QUERY_KEY_BLOCK) // ONE_QUERY_KEY_BLOCK,
+                          lambda valid, key_slot: valid & (key_slot <= first_slot)[None, :],
+                          key_valid)
+    return out[:, None].astype(q.dtype)  # [B, 1, K, G, D]
   q_slot = first_slot + jnp.arange(t)
-  qf = q.astype(jnp.float32) * scale
-
-  def body(i, carry):
-    m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, D] (f32)
-    start = i * kb
-    kblk = jax.lax.dynamic_slice_in_dim(keys, start, kb, 1).astype(jnp.float32)
-    vblk = jax.lax.dynamic_slice_in_dim(values, start, kb, 1).astype(jnp.float32)
-    valid = jax.lax.dynamic_slice_in_dim(key_valid, start, kb, 1)
-    s = jnp.einsum("btkgd,bskd->bkgts", qf, kblk)
-    allowed = valid[:, None, :] & ((start + jnp.arange(kb))[None, :] <= q_slot[:, None])[None]
-    s = jnp.where(allowed[:, None, None], s, _MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.exp(s - m_new[..., None])
-    corr = jnp.exp(m - m_new)
-    l = l * corr + jnp.sum(p, axis=-1)
-    acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, vblk)
-    return m_new, l, acc
-
-  live_blocks = (first_slot + t + kb - 1) // kb
-  init = (jnp.full((b, kh, g, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
-          jnp.zeros((b, kh, g, t, d), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(0, live_blocks, body, init)
-  out = acc / l[..., None]
+  out = _online_softmax(jnp.moveaxis(qf, 1, 3), keys, values, "kgt", kb,
+                        (first_slot + t + kb - 1) // kb,
+                        lambda valid, key_slot: (valid[:, None, :]
+                                                 & (key_slot[None, :] <= q_slot[:, None])[None]),
+                        key_valid)
   return jnp.moveaxis(out, 3, 1).astype(q.dtype)  # [B, T, K, G, D]
 
 
-def _attend_one(q, keys, values, key_valid, slot, kb):
-  """:func:`attend_cache` for one new token a row (the decode step): the same online
-  softmax without the query axis, which XLA:CPU turns into smaller, faster batched dots."""
-  b, _, kh, g, d = q.shape
-  qf = q[:, 0].astype(jnp.float32) * d ** -0.5  # [B, K, G, D]
-
+def _online_softmax(qf, keys, values, axes: str, kb: int, n_blocks, allowed, key_valid):
+  """Softmax attention of queries ``qf`` (f32, scaled; ``[B, *axes, D]`` with ``axes``
+  "kg" or "kgt") to the first ``n_blocks`` blocks of ``kb`` cache slots, one block at a
+  time (online softmax). ``allowed(valid_block, key_slots)`` gives the mask of a block,
+  broadcastable to ``[B, *axes[2:], kb]``. Returns ``[B, *axes, D]`` f32."""
   def body(i, carry):
-    m, l, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D] (f32)
+    m, l, acc = carry  # [B, *axes], [B, *axes], [B, *axes, D]
     start = i * kb
     kblk = jax.lax.dynamic_slice_in_dim(keys, start, kb, 1).astype(jnp.float32)
     vblk = jax.lax.dynamic_slice_in_dim(values, start, kb, 1).astype(jnp.float32)
     valid = jax.lax.dynamic_slice_in_dim(key_valid, start, kb, 1)
-    s = jnp.einsum("bkgd,bskd->bkgs", qf, kblk)
-    allowed = valid & ((start + jnp.arange(kb)) <= slot)[None, :]
-    s = jnp.where(allowed[:, None, None], s, _MASK_VALUE)
+    s = jnp.einsum(f"b{axes}d,bskd->b{axes}s", qf, kblk)
+    s = jnp.where(allowed(valid, start + jnp.arange(kb))[:, None, None], s, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
-    acc = acc * corr[..., None] + jnp.einsum("bkgs,bskd->bkgd", p, vblk)
+    acc = acc * corr[..., None] + jnp.einsum(f"b{axes}s,bskd->b{axes}d", p, vblk)
     return m_new, l, acc
 
-  init = (jnp.full((b, kh, g), _MASK_VALUE, jnp.float32), jnp.zeros((b, kh, g), jnp.float32),
-          jnp.zeros((b, kh, g, d), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(0, (slot + kb) // kb, body, init)
-  return (acc / l[..., None])[:, None].astype(q.dtype)  # [B, 1, K, G, D]
+  shape = qf.shape[:-1]
+  init = (jnp.full(shape, _MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(qf.shape, jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+  return acc / l[..., None]
 
 
 class RMSNorm(nnx.Module):
