@@ -189,22 +189,30 @@ def test_grpo_group_size_one_is_refused_but_opd_allows_it():
     validate(config)
 
 
+def _student_batch(config, spec):
+  """A fresh student and its packed, trimmed rollout batch of 4 tasks x 4 episodes."""
+  from atod_jax.rollout import pack, trim
+  from atod_jax.sampling import SamplingParams
+  from atod_jax.train.config import model_config
+  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
+  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
+  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
+      params, keys, jax.random.key(0), groups)))
+  return graphdef, params, traj
+
+
 def test_sharded_update_equals_one_device():
   """8 CPU devices (data 4 x fsdp 2): same loss and new parameters as one device."""
   from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
-  from atod_jax.rollout import HouseholdRollout, pack, trim
+  from atod_jax.rollout import HouseholdRollout
   from atod_jax.envs.household import HouseholdParams
-  from atod_jax.sampling import SamplingParams
   from atod_jax.train.config import model_config, schedules
   from atod_jax.train.steps import advantages, jit_score
   import functools
   config = tiny_config.get_config()
   spec = HouseholdRollout(HouseholdParams.preset("easy"), 24)
-  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
+  graphdef, params, traj = _student_batch(config, spec)
   t_graph, t_params = agents.fresh_model(model_config(config.teacher.model), 1)
-  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
-  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
-      params, keys, jax.random.key(0), groups)))
   sched, mode = schedules(config)
   adv, _ = jax.jit(functools.partial(advantages, sched=sched, tdur_mode=mode, estimator="grpo",
                                      num_groups=4, max_turns=spec.max_turns))(
@@ -231,17 +239,12 @@ def test_gradient_accumulation_equals_the_whole_minibatch():
   """optim.microbatches: 4 slices of accumulated gradients give the update of the whole
   mini-batch (every row trained, row-mean loss); teacher scoring in 4 chunks gives the
   same scores."""
-  from atod_jax.rollout import HouseholdRollout, pack, trim
+  from atod_jax.rollout import HouseholdRollout
   from atod_jax.envs.household import HouseholdParams
-  from atod_jax.sampling import SamplingParams
-  from atod_jax.train.config import model_config
   from atod_jax.train.steps import jit_score
   config = tiny_config.get_config()
-  spec = HouseholdRollout(HouseholdParams.preset("easy"), 24)
-  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
-  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
-  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
-      params, keys, jax.random.key(0), groups)))
+  graphdef, params, traj = _student_batch(
+      config, HouseholdRollout(HouseholdParams.preset("easy"), 24))
   assert bool(traj.gen_mask.any(axis=1).all())
   scores = jit_score(graphdef, params, traj)
   np.testing.assert_allclose(jit_score(graphdef, params, traj, chunks=4), scores, atol=1e-6)
