@@ -201,6 +201,18 @@ def _student_batch(config, spec):
   return graphdef, params, traj
 
 
+def _copy(tree):
+  return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def _policy_update(graphdef, tx, params, traj, adv, *, epochs, **extra):
+  """One clipped-surrogate update from fresh optimizer state, 2 mini-batches."""
+  return jit_policy_update(graphdef, tx, init_state(params, tx), traj, adv, jax.random.key(5),
+                           minibatches=2, epochs=epochs, clip_eps=0.2, clip_eps_high=0.0,
+                           dual_clip=0.0, aggregation="seq_mean_token_mean", temperature=1.0,
+                           **extra)
+
+
 def test_sharded_update_equals_one_device():
   """8 CPU devices (data 4 x fsdp 2): same loss and new parameters as one device."""
   from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
@@ -218,15 +230,11 @@ def test_sharded_update_equals_one_device():
                                      num_groups=4, max_turns=spec.max_turns))(
       traj, jit_score(t_graph, t_params, traj), 0)
   tx = make_optimizer(config.optim)
-  kw = dict(minibatches=2, epochs=2, clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,
-            aggregation="seq_mean_token_mean", temperature=1.0)
-  copy = lambda t: jax.tree.map(lambda x: np.array(x), t)  # noqa: E731
-  one, m1 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
-                              jax.random.key(5), **kw)
+  one, m1 = _policy_update(graphdef, tx, _copy(params), traj, adv, epochs=2)
   mesh = make_mesh(4, 2, 1)
-  p8 = jax.device_put(copy(params), state_shardings(params, mesh))
+  p8 = jax.device_put(_copy(params), state_shardings(params, mesh))
   t8, a8 = shard_batch((traj, adv), mesh)
-  eight, m8 = jit_policy_update(graphdef, tx, init_state(p8, tx), t8, a8, jax.random.key(5), **kw)
+  eight, m8 = _policy_update(graphdef, tx, p8, t8, a8, epochs=2)
   assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
@@ -250,13 +258,8 @@ def test_gradient_accumulation_equals_the_whole_minibatch():
   np.testing.assert_allclose(jit_score(graphdef, params, traj, chunks=4), scores, atol=1e-6)
   adv = jax.random.normal(jax.random.key(2), traj.tokens.shape) * traj.gen_mask
   tx = make_optimizer(config.optim)
-  kw = dict(minibatches=2, epochs=1, clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,
-            aggregation="seq_mean_token_mean", temperature=1.0)
-  copy = lambda t: jax.tree.map(lambda x: np.array(x), t)  # noqa: E731
-  whole, m1 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
-                                jax.random.key(5), **kw)
-  sliced, m4 = jit_policy_update(graphdef, tx, init_state(copy(params), tx), traj, adv,
-                                 jax.random.key(5), microbatches=4, **kw)
+  whole, m1 = _policy_update(graphdef, tx, _copy(params), traj, adv, epochs=1)
+  sliced, m4 = _policy_update(graphdef, tx, _copy(params), traj, adv, epochs=1, microbatches=4)
   np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
   for a, b in zip(jax.tree.leaves(sliced.params), jax.tree.leaves(whole.params)):
@@ -322,18 +325,14 @@ def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
   spec.loader.exec_module(module)
   hf = tmp_path / "hf"
   hf.mkdir()
-  for change, field in [(dict(layout="stack"), "config.env.layout"),
-                        (dict(microbatches=3), "config.optim.microbatches"),
-                        (dict(model_field="flash"), "config.student.model.flash"),
-                        (dict(history=-1), "config.env.history")]:
+  for change, field in [(lambda c: c.env.update(layout="stack"), "config.env.layout"),
+                        (lambda c: c.optim.update(microbatches=3), "config.optim.microbatches"),
+                        (lambda c: c.student.model.update(flash=True),
+                         "config.student.model.flash"),
+                        (lambda c: c.env.update(history=-1), "config.env.history")]:
     config = module.get_config()
     config.student.path = config.teacher.path = str(hf)
-    if "layout" in change or "history" in change:
-      config.env.update(change)
-    elif "microbatches" in change:
-      config.optim.microbatches = change["microbatches"]
-    else:
-      config.student.model.flash = True
+    change(config)
     with pytest.raises(ConfigError) as e:
       validate(config)
     assert str(e.value).startswith(field) and "\n" not in str(e.value), str(e.value)
