@@ -150,7 +150,8 @@ class TextTasks:
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int):
     """The first ``episodes`` tasks of the evaluation split (all of them if fewer), in
-    batches of ``env.eval_batch`` (the episodes of one host rollout); adds ``success/<type>`` where the env has task types."""
+    batches of ``env.eval_batch`` (the episodes of one host rollout); adds
+    ``success/<type>`` where the env has task types."""
     model = self._model(graphdef, params)
     n = min(episodes, self.num_eval)
     batch = self.config.env.eval_batch
