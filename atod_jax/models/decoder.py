@@ -79,11 +79,27 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates ``x`` ``[B, T, heads, D]`` by ``positions`` ``[B, T]`` (half-split layout)."""
+def _materialize(x: jax.Array) -> jax.Array:
+  """``x``, computed once into its own buffer. XLA fuses cheap-looking elementwise
+  producers into every consumer and recomputes them per consumer element; a product with
+  the identity is never fused on CPU, so a broadcast sine is not re-evaluated for every
+  head of every layer (measured: the fused q-norm + RoPE of a W decode step, 66 -> 16 us).
+  HIGHEST precision keeps it exact on TPU / GPU (no bf16 / TF32 passes)."""
+  eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+  return jnp.matmul(x, eye, precision=jax.lax.Precision.HIGHEST)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype):
+  """``(cos, sin)`` ``[B, T, 1, D/2]`` for ``positions`` ``[B, T]``: computed once per
+  call and shared by every layer's queries and keys."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
-  sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+  cos, sin = _materialize(jnp.cos(freqs)), _materialize(jnp.sin(freqs))
+  return cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
+
+
+def apply_rope(x: jax.Array, rope) -> jax.Array:
+  """Rotates ``x`` ``[B, T, heads, D]`` by :func:`rope_tables` (half-split layout)."""
+  cos, sin = rope
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -224,7 +240,7 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, rngs)
 
-  def __call__(self, x, positions, valid, inv_freq, cache_kv, index):
+  def __call__(self, x, rope, valid, cache_kv, index):
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt))
     k = jnp.einsum("bth,hkd->btkd", x, self.k[...].astype(dt))
@@ -235,8 +251,8 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, rope)
+    k = apply_rope(k, rope)
 
     t = x.shape[1]
     if cache_kv is None:  # attend within this call: causal over T, padding masked
@@ -250,8 +266,9 @@ class Attention(nnx.Module):
     qg = q.reshape(b, t, kh, n // kh, cfg.head_dim)
     attention = attend if cache_kv is None else attend_cache
     out = attention(qg, keys.astype(dt), values.astype(dt), key_valid, first_slot)
-    out = out.reshape(b, t, n, cfg.head_dim)
-    out = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
+    # one [B*T, N*D] x [N*D, H] product (an einsum over (n, d) made XLA:CPU transpose
+    # both operands, the weight included, on every decode step)
+    out = out.reshape(b, t, n * cfg.head_dim) @ self.o[...].astype(dt).reshape(-1, cfg.hidden_size)
     return out, (None if cache_kv is None else (keys, values))
 
 
@@ -306,15 +323,15 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
     self.mlp = MoE(cfg, rngs) if cfg.is_moe_layer(layer) else MLP(cfg, rngs)
 
-  def __call__(self, x, positions, valid, inv_freq, cache_kv, index):
-    a, new_kv = self.attn(self.attn_norm(x), positions, valid, inv_freq, cache_kv, index)
+  def __call__(self, x, rope, valid, cache_kv, index):
+    a, new_kv = self.attn(self.attn_norm(x), rope, valid, cache_kv, index)
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
 
-@nnx.remat(static_argnums=(4,))
-def _remat_layer(layer, x, positions, valid, inv_freq):
-  return layer(x, positions, valid, np.asarray(inv_freq), None, None)
+@nnx.remat
+def _remat_layer(layer, x, rope, valid):
+  return layer(x, rope, valid, None, None)
 
 
 class DecoderLM(nnx.Module):
@@ -353,8 +370,8 @@ class DecoderLM(nnx.Module):
       offset = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
       base = 0 if cache is None else cache.next_position[:, None]
       positions = base + jnp.maximum(offset, 0)
-    inv_freq = rope_inv_freq(cfg)  # a compile-time constant
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    rope = rope_tables(positions, rope_inv_freq(cfg), x.dtype)
     if cache is not None:
       slot_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
     keys, values = [], []
@@ -362,9 +379,9 @@ class DecoderLM(nnx.Module):
       kv = None if cache is None else (cache.keys[i], cache.values[i], slot_valid)
       index = None if cache is None else cache.index
       if cfg.remat and cache is None:
-        x, new_kv = _remat_layer(layer, x, positions, valid, inv_freq)
+        x, new_kv = _remat_layer(layer, x, rope, valid)
       else:
-        x, new_kv = layer(x, positions, valid, inv_freq, kv, index)
+        x, new_kv = layer(x, rope, valid, kv, index)
       if new_kv is not None:
         keys.append(new_kv[0])
         values.append(new_kv[1])
