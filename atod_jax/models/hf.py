@@ -34,11 +34,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """How one of our arrays is made from HF tensors: ``hf.reshape(split).transpose(perm)``
-  (then stacked over ``names`` when there are several: the experts of a MoE layer)."""
+  (then stacked on our axis ``stack`` when there are several ``names``: the experts of a
+  MoE layer on axis 0, a dense MLP's gate and up projections on axis 1)."""
 
   names: tuple[str, ...]
   split: tuple[int, ...]
   perm: tuple[int, ...]
+  stack: int = 0
 
 
 def _layout(cfg: ModelConfig) -> dict[tuple[str, ...], _Spec]:
@@ -51,8 +53,8 @@ def _layout(cfg: ModelConfig) -> dict[tuple[str, ...], _Spec]:
     pre, lp = f"model.layers.{i}.", ("layers", str(i))
     a = pre + "self_attn."
 
-    def put(path, names, split, perm):
-      out[lp + path] = _Spec(tuple(names), split, perm)
+    def put(path, names, split, perm, stack=0):
+      out[lp + path] = _Spec(tuple(names), split, perm, stack)
 
     put(("attn_norm", "scale"), [pre + "input_layernorm.weight"], (h,), (0,))
     put(("mlp_norm", "scale"), [pre + "post_attention_layernorm.weight"], (h,), (0,))
@@ -76,8 +78,8 @@ def _layout(cfg: ModelConfig) -> dict[tuple[str, ...], _Spec]:
         put(("mlp", ours), [f"{m}experts.{j}.{theirs}.weight" for j in range(e)], split, (1, 0))
     else:
       im = cfg.intermediate_size
-      put(("mlp", "gate"), [m + "gate_proj.weight"], (im, h), (1, 0))
-      put(("mlp", "up"), [m + "up_proj.weight"], (im, h), (1, 0))
+      put(("mlp", "gate_up"), [m + "gate_proj.weight", m + "up_proj.weight"], (im, h), (1, 0),
+          stack=1)
       put(("mlp", "down"), [m + "down_proj.weight"], (h, im), (1, 0))
   return out
 
@@ -198,10 +200,11 @@ def load_pretrained(
       with jax.default_device(cpu):
         if len(spec.names) == 1:
           block = _read_block(ckpt.slice(spec.names[0]), spec, index)
-        else:  # stacked experts: our axis 0 runs over the files' tensors
-          experts = range(*index[0].indices(target[0]))
-          block = np.stack([_read_block(ckpt.slice(spec.names[e]), spec, index[1:])
-                            for e in experts])
+        else:  # stacked: our axis ``spec.stack`` runs over the files' tensors
+          a = spec.stack
+          rest = index[:a] + index[a + 1:]
+          block = np.stack([_read_block(ckpt.slice(spec.names[e]), spec, rest)
+                            for e in range(*index[a].indices(target[a]))], axis=a)
         return np.asarray(block).astype(dtype)
 
     value = jax.make_array_from_callback(target, flat_shard[key], read)
@@ -242,7 +245,8 @@ def save_pretrained(
       tensors[spec.names[0]] = jnp.asarray(np.asarray(ours).transpose(inv).reshape(hf_shape))
     else:
       for e, name in enumerate(spec.names):
-        tensors[name] = jnp.asarray(np.asarray(ours[e]).transpose(inv).reshape(hf_shape))
+        part = np.take(np.asarray(ours), e, axis=spec.stack)
+        tensors[name] = jnp.asarray(part.transpose(inv).reshape(hf_shape))
   _write_shards(tensors, path, max_shard_bytes)
   hf_cfg = cfg.to_hf()
   if dtype is not None:
