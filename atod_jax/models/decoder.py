@@ -37,7 +37,8 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float 
 class KVCache(NamedTuple):
   """Per-layer keys / values and the slot bookkeeping shared by all layers.
 
-  ``keys[i]``, ``values[i]``: ``[B, S, K, D]`` (RoPE already applied to keys).
+  ``keys[i]``: ``[B, K, D, S]`` (RoPE applied), ``values[i]``: ``[B, K, S, D]``: the
+  layouts the attention products read without a transposed copy.
   ``valid``: ``[B, S]`` bool, slot holds a real token. ``index``: int32 scalar, next slot
   to write (the same for all rows). ``next_position``: ``[B]`` int32, RoPE position of
   each row's next real token.
@@ -52,10 +53,10 @@ class KVCache(NamedTuple):
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    def per_layer():
+    k, d = cfg.num_kv_heads, cfg.head_dim
+    def per_layer(shape):
       return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return cls(keys=per_layer(), values=per_layer(),
+    return cls(keys=per_layer((batch, k, d, slots)), values=per_layer((batch, k, slots, d)),
                valid=jnp.zeros((batch, slots), bool), index=jnp.int32(0),
                next_position=jnp.zeros((batch,), jnp.int32))
 
@@ -150,32 +151,53 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
 
 KEY_BLOCK = 128  # cache slots per step of the cache attention loop (appends, prefills)
 ONE_QUERY_KEY_BLOCK = 64  # ... of a decode step (one new token a row): best on XLA:CPU
+# A decode step reads the whole cache in one product (no block copies) once the live
+# blocks are at least this share of it; XLA:CPU, W: a copied block costs ~1.7x a block
+# of the whole-cache product, so reading dead slots wins past ~60% live.
+FULL_CACHE_SHARE = 0.6
 
 
 def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
-  """Attention of new tokens to a KV cache that reads only the live part of the cache.
+  """Attention of new tokens to a KV cache (:class:`KVCache` layouts) that reads only
+  the live part of the cache.
 
-  Same arguments and result as :func:`attend`. The slots are visited in blocks of
-  ``KEY_BLOCK`` (``ONE_QUERY_KEY_BLOCK`` for a decode step) with an online softmax, up
-  to the block holding the last query, so a decode step costs in proportion to the
-  context so far, not to the cache size (a cache sized for 50 turns costs nothing extra
-  on turn 1). Not differentiable in
-  reverse mode (a dynamic trip count): training uses :func:`attend`.
+  ``q``: ``[B, T, K, G, D]``, query ``t`` at slot ``first_slot + t``; ``keys``
+  ``[B, K, D, S]``, ``values`` ``[B, K, S, D]``; ``key_valid`` ``[B, S]``. Returns
+  ``[B, T, K, G, D]``. The slots are visited in blocks of ``KEY_BLOCK``
+  (``ONE_QUERY_KEY_BLOCK`` for a decode step) with an online softmax, up to the block
+  holding the last query, so a step costs in proportion to the context so far, not to
+  the cache size (a cache sized for 50 turns costs nothing extra on turn 1). Each block
+  is a copied slice; a decode step whose live blocks reach ``FULL_CACHE_SHARE`` of the
+  cache reads the whole cache in place instead. Not differentiable in reverse mode (a
+  dynamic trip count): training uses :func:`attend`.
   """
   b, t, kh, g, d = q.shape
-  slots = keys.shape[1]
+  slots = keys.shape[-1]
   kb = min(KEY_BLOCK, slots)
   while slots % kb and kb > 16:  # the largest power-of-two block that tiles the cache
     kb //= 2
   if slots % kb:
-    return attend(q, keys, values, key_valid, first_slot)
+    return attend(q, jnp.moveaxis(keys, 3, 1), jnp.moveaxis(values, 2, 1),  # [B, S, K, D]
+                  key_valid, first_slot)
   qf = q.astype(jnp.float32) * d ** -0.5
   if t == 1 and slots % ONE_QUERY_KEY_BLOCK == 0:
     # a decode step: no query axis, which XLA:CPU turns into smaller, faster batched dots
-    out = _online_softmax(qf[:, 0], keys, values, "kg", ONE_QUERY_KEY_BLOCK,
-                          (first_slot + ONE_QUERY_KEY_BLOCK) // ONE_QUERY_KEY_BLOCK,
-                          lambda valid, key_slot: valid & (key_slot <= first_slot)[None, :],
-                          key_valid)
+    qb = ONE_QUERY_KEY_BLOCK
+    n_live = (first_slot + qb) // qb
+
+    def allowed(valid, key_slot):
+      return valid & (key_slot <= first_slot)[None, :]
+
+    def blocked(_):
+      return _online_softmax(qf[:, 0], keys, values, "kg", qb, n_live, allowed, key_valid)
+
+    def whole(_):
+      s = jnp.einsum("bkgd,bkds->bkgs", qf[:, 0], keys.astype(jnp.float32))
+      s = jnp.where(allowed(key_valid, jnp.arange(slots))[:, None, None], s, _MASK_VALUE)
+      p = jax.nn.softmax(s, axis=-1)
+      return jnp.einsum("bkgs,bksd->bkgd", p, values.astype(jnp.float32))
+
+    out = jax.lax.cond(n_live * qb >= FULL_CACHE_SHARE * slots, whole, blocked, None)
     return out[:, None].astype(q.dtype)  # [B, 1, K, G, D]
   q_slot = first_slot + jnp.arange(t)
   out = _online_softmax(jnp.moveaxis(qf, 1, 3), keys, values, "kgt", kb,
@@ -194,16 +216,16 @@ def _online_softmax(qf, keys, values, axes: str, kb: int, n_blocks, allowed, key
   def body(i, carry):
     m, l, acc = carry  # [B, *axes], [B, *axes], [B, *axes, D]
     start = i * kb
-    kblk = jax.lax.dynamic_slice_in_dim(keys, start, kb, 1).astype(jnp.float32)
-    vblk = jax.lax.dynamic_slice_in_dim(values, start, kb, 1).astype(jnp.float32)
+    kblk = jax.lax.dynamic_slice_in_dim(keys, start, kb, 3).astype(jnp.float32)
+    vblk = jax.lax.dynamic_slice_in_dim(values, start, kb, 2).astype(jnp.float32)
     valid = jax.lax.dynamic_slice_in_dim(key_valid, start, kb, 1)
-    s = jnp.einsum(f"b{axes}d,bskd->b{axes}s", qf, kblk)
+    s = jnp.einsum(f"b{axes}d,bkds->b{axes}s", qf, kblk)
     s = jnp.where(allowed(valid, start + jnp.arange(kb))[:, None, None], s, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
-    acc = acc * corr[..., None] + jnp.einsum(f"b{axes}s,bskd->b{axes}d", p, vblk)
+    acc = acc * corr[..., None] + jnp.einsum(f"b{axes}s,bksd->b{axes}d", p, vblk)
     return m_new, l, acc
 
   shape = qf.shape[:-1]
@@ -259,8 +281,10 @@ class Attention(nnx.Module):
       keys, values, key_valid, first_slot = k, v, valid, 0
     else:
       cache_k, cache_v, key_valid = cache_kv
-      keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      keys = jax.lax.dynamic_update_slice_in_dim(
+          cache_k, k.transpose(0, 2, 3, 1).astype(cache_k.dtype), index, 3)  # [B, K, D, S]
+      values = jax.lax.dynamic_update_slice_in_dim(
+          cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), index, 2)  # [B, K, S, D]
       first_slot = index
     b, n, kh = x.shape[0], cfg.num_heads, cfg.num_kv_heads
     qg = q.reshape(b, t, kh, n // kh, cfg.head_dim)

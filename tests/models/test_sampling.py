@@ -32,13 +32,22 @@ def test_cache_decode_equals_full_forward(model):
     np.testing.assert_allclose(out.logprobs[b], want, atol=1e-5)
 
 
-@pytest.mark.parametrize("key_block", [128, 8])  # 8: the live-cache loop runs many blocks
-def test_continuation_with_ragged_rows_equals_full_forward(model, key_block, monkeypatch):
+@pytest.mark.parametrize("key_block,one_query_block,full_share,slots", [
+    (128, 64, 0.6, 64),  # defaults: decode steps read the whole (one-block) cache
+    (8, 8, 1.1, 64),  # every step runs the live-block loop, many blocks
+    (8, 8, 0.3, 64),  # decode switches from the block loop to the whole cache mid-turn
+    (128, 64, 0.6, 200),  # 200 slots tile into no block size: plain attention
+])
+def test_continuation_with_ragged_rows_equals_full_forward(model, key_block, one_query_block,
+                                                           full_share, slots, monkeypatch):
   """Left-padded prompts of different lengths, early stops, appended observations of
-  different lengths: every log-prob equals that of one forward over the real tokens."""
+  different lengths: every log-prob equals that of one forward over the real tokens,
+  through each of the cache attention paths."""
   from atod_jax.models import decoder as dec
   monkeypatch.setattr(dec, "KEY_BLOCK", key_block)
-  jax.clear_caches()  # KEY_BLOCK is read at trace time
+  monkeypatch.setattr(dec, "ONE_QUERY_KEY_BLOCK", one_query_block)
+  monkeypatch.setattr(dec, "FULL_CACHE_SHARE", full_share)
+  jax.clear_caches()  # the block sizes are read at trace time
   rng = np.random.default_rng(1)
   lens, obs_lens = [5, 2, 7], [3, 6, 1]
   prompt = np.zeros((3, 7), np.int32)
@@ -46,7 +55,7 @@ def test_continuation_with_ragged_rows_equals_full_forward(model, key_block, mon
   for b, n in enumerate(lens):
     prompt[b, 7 - n:] = rng.integers(1, 96, n)
     pvalid[b, 7 - n:] = True
-  cache = smp.init_cache(model, 3, 64)
+  cache = smp.init_cache(model, 3, slots)
   logits, cache = smp.append(model, cache, prompt, pvalid)
   out1 = smp.decode(model, cache, logits, jax.random.key(1), 8, max_new=jnp.array([8, 3, 5]))
   obs = np.zeros((3, 6), np.int32)
