@@ -68,20 +68,37 @@ def test_sharded_load_reads_only_device_slices(tmp_path, monkeypatch):
                              atol=1e-5)
 
 
-def test_query_blocked_attention_matches_single_block(monkeypatch):
+@pytest.mark.parametrize("query_block,min_causal_block", [
+    (8, 10**9),  # 45 queries -> 6 rematerialised blocks over all keys, the last partial
+    (512, 8),  # causal blocks of 12 queries, each reading only the keys up to its own
+    (8, 8),  # causal blocks of 8, rematerialised
+])
+def test_query_blocked_attention_matches_single_block(monkeypatch, query_block,
+                                                      min_causal_block):
   from atod_jax.models import decoder as dec
 
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 45)))
   valid = jnp.asarray(np.random.default_rng(4).random((2, 45)) > 0.2)
+  valid = valid.at[1, :3].set(False)  # a row that starts with padding
+  # a query before its row's first real token sees no key: its output is undefined
+  # (and differs between block layouts); every other position must match
+  defined = jnp.cumsum(valid, axis=1) > 0
 
   def run():
     model = DecoderLM(CFG, nnx.Rngs(0))
-    loss = lambda m: jnp.mean(smp.token_logprobs(m, tokens, valid, chunk_size=None))  # noqa: E731
-    return model(tokens, valid=valid)[0], nnx.grad(loss)(model)
 
+    def loss(m):  # the log-prob at t is read from position t - 1
+      lp = smp.token_logprobs(m, tokens, valid, chunk_size=None)
+      return jnp.mean(lp[:, 1:] * defined[:, :-1])
+
+    return model(tokens, valid=valid)[0][defined], nnx.grad(loss)(model)
+
+  monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", 10**9)  # one block of all 45 queries
+  jax.clear_caches()  # the block sizes are read at trace time
   want_logits, want_grads = run()
-  monkeypatch.setattr(dec, "QUERY_BLOCK", 8)  # 45 queries -> 6 blocks, the last partial
-  jax.clear_caches()  # QUERY_BLOCK is read at trace time
+  monkeypatch.setattr(dec, "QUERY_BLOCK", query_block)
+  monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", min_causal_block)
+  jax.clear_caches()
   got_logits, got_grads = run()
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
