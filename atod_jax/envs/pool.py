@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -47,11 +49,16 @@ def _worker(conn, factory, index: int, parent_pid: int) -> None:
   os.setsid()  # own process group: the parent can kill it with everything it started
   threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
   try:
-    env = factory(index)
+    env = factory(index)  # in the trainer's directory: relative paths mean what they say
   except BaseException:  # noqa: BLE001  (report any failure to build)
     conn.send(("error", traceback.format_exc()))
     return
-  conn.send(("ready", os.getpid()))
+  # then play in a private scratch directory: files an environment writes as it plays
+  # (a Z-machine game's `save` / `script` commands, whose file name is the policy's next
+  # command) land there and are removed at close, not in the user's working directory
+  scratch = tempfile.mkdtemp(prefix=f"atod-env-worker{index}-")
+  os.chdir(scratch)
+  conn.send(("ready", (os.getpid(), scratch)))
   while True:
     if not conn.poll(_PARENT_CHECK_S):
       if os.getppid() != parent_pid:  # orphaned: the trainer is gone
@@ -72,6 +79,7 @@ def _worker(conn, factory, index: int, parent_pid: int) -> None:
     env.close()
   finally:
     conn.close()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _Handle:
@@ -89,7 +97,7 @@ class _Handle:
     if status != "ready":
       self.kill()
       raise RuntimeError(f"env worker {index} failed to build its environment:\n{payload}")
-    self.pid = payload
+    self.pid, self.scratch = payload
 
   def kill(self) -> None:
     try:
@@ -98,6 +106,8 @@ class _Handle:
       pass
     self.proc.join(timeout=5)
     self.conn.close()
+    if getattr(self, "scratch", None):  # a killed worker cannot remove its own
+      shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class EnvPool:

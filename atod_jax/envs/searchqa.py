@@ -309,7 +309,8 @@ class SearchQAEnv:
 def default_data_dir() -> str:
   """``$ATOD_JAX_DATA`` or the ``shared/data`` folder next to the repository."""
   here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return os.environ.get("ATOD_JAX_DATA", os.path.join(os.path.dirname(here), "shared", "data"))
+  return os.path.abspath(os.path.expanduser(
+      os.environ.get("ATOD_JAX_DATA", os.path.join(os.path.dirname(here), "shared", "data"))))
 
 
 def hotpot_sample_env(worker_index: int = 0, *, path: str | None = None, heldout: int = 20,

@@ -199,10 +199,10 @@ def alfworld_data_dir(path: str | None = None) -> str:
   folder. (Importing ``alfworld`` sets ``$ALFWORLD_DATA`` to ``~/.cache/alfworld`` when it
   is unset, hence the existence check.)"""
   if path:
-    return os.path.expanduser(path)
+    return os.path.abspath(os.path.expanduser(path))
   env = os.environ.get("ALFWORLD_DATA")
   if env and os.path.isdir(os.path.join(os.path.expanduser(env), "json_2.1.1")):
-    return os.path.join(os.path.expanduser(env), "json_2.1.1")
+    return os.path.abspath(os.path.join(os.path.expanduser(env), "json_2.1.1"))
   return os.path.join(default_data_dir(), "alfworld", "json_2.1.1")
 
 
@@ -328,8 +328,8 @@ def strip_textworld(text: str) -> str:
 
 
 def textworld_cache_dir() -> str:
-  return os.environ.get("ATOD_JAX_TEXTWORLD_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "atod_jax", "textworld"))
+  return os.path.abspath(os.path.expanduser(os.environ.get(
+      "ATOD_JAX_TEXTWORLD_CACHE", os.path.join("~", ".cache", "atod_jax", "textworld"))))
 
 
 def make_textworld_game(kind: str, options: Sequence[str], seed: int, cache_dir: str) -> str:

@@ -68,9 +68,9 @@ _STOP = frozenset((
 
 def webshop_data_dir(path: str | None = None) -> str:
   if path:
-    return os.path.expanduser(path)
-  return os.path.expanduser(os.environ.get("WEBSHOP_DATA") or
-                            os.path.join(default_data_dir(), "webshop"))
+    return os.path.abspath(os.path.expanduser(path))
+  return os.path.abspath(os.path.expanduser(os.environ.get("WEBSHOP_DATA") or
+                                            os.path.join(default_data_dir(), "webshop")))
 
 
 # ------------------------------------------------------------------------ catalogue

@@ -1,7 +1,8 @@
 """A tiny Python environment with faults chosen by task id, for the worker-pool tests.
 
 Task ids: 100 raises inside step, 200 hangs inside step, 300 kills its own process,
-400 starts a child process at reset (like an environment that launches a JVM).
+400 starts a child process at reset (like an environment that launches a JVM), 500
+writes a file into its working directory at every step (like a Z-machine game's `save`).
 Every other episode wins on its third step. Faults fire on the second step.
 """
 import os
@@ -24,7 +25,7 @@ class FaultyEnv:
     return Batch(observations=[f"t={t} id={i}" for i, t in zip(self.ids, self.t)],
                  tasks=[f"task {i}" for i in self.ids], rewards=np.asarray(rewards, np.float32),
                  dones=np.asarray(dones), wons=np.asarray(wons),
-                 infos=[{"pid": os.getpid()} for _ in self.ids])
+                 infos=[{"pid": os.getpid(), "cwd": os.getcwd()} for _ in self.ids])
 
   def reset(self, split, task_ids):
     self.ids, self.t = list(task_ids), [0] * len(task_ids)
@@ -35,6 +36,9 @@ class FaultyEnv:
 
   def step(self, actions):
     self.t = [t + 1 for t in self.t]
+    if 500 in self.ids:
+      with open("transcript", "a") as f:
+        f.write(" ".join(actions) + "\n")
     for i, t in zip(self.ids, self.t):
       if t == 2 and i == 100:
         raise RuntimeError("simulated failure inside step")

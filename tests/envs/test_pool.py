@@ -157,3 +157,20 @@ def test_a_worker_hung_in_a_step_exits_when_the_trainer_is_killed():
   while time.time() < deadline and any(_alive(p) for p in procs):
     time.sleep(0.2)
   assert not any(_alive(p) for p in procs)
+
+
+def test_files_an_environment_writes_stay_out_of_the_working_directory(tmp_path, monkeypatch):
+  """A game that writes files as it plays (Frotz's `save` / `script` take the policy's
+  next command as the file name) writes into its worker's scratch directory, removed
+  when the pool closes, and relative paths given to the factory still resolve from the
+  trainer's directory."""
+  monkeypatch.chdir(tmp_path)
+  with EnvPool(FaultyEnv, num_workers=2, step_timeout=10.0) as pool:
+    pool.reset("train", [500, 1, 2, 3])
+    batch = pool.step(["look"] * 4)
+    scratch = {info["cwd"] for info in batch.infos}
+    assert len(scratch) == 2 and str(tmp_path) not in scratch
+    written = os.path.join(batch.infos[0]["cwd"], "transcript")
+    assert os.path.exists(written)
+  assert not os.listdir(tmp_path)  # nothing landed in the user's directory
+  assert not any(os.path.exists(d) for d in scratch)  # and the scratch folders are gone
