@@ -22,6 +22,9 @@ from flax import nnx
 from atod_jax.models.config import ModelConfig
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: all-masked rows stay NaN-free
+# Version of the parameter tree, stored with our checkpoints (HF directories are
+# unaffected). 2: the MLP's gate and up projections became one ``gate_up`` parameter.
+PARAMS_LAYOUT = 2
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float = 0.02):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from atod_jax.models import DecoderLM, ModelConfig, load_pretrained
+from atod_jax.models import PARAMS_LAYOUT, DecoderLM, ModelConfig, load_pretrained
 from atod_jax.rollout.device import HouseholdRollout, rollout
 from atod_jax.rollout.trajectory import Trajectory, summarize
 from atod_jax.sampling.generate import SamplingParams
@@ -43,7 +43,7 @@ def save_model(path: str, graphdef, params, cfg: ModelConfig, extra: dict | None
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(path, "params"), params, force=True)
   with open(os.path.join(path, "model_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
+    json.dump(dict(dataclasses.asdict(cfg), params_layout=PARAMS_LAYOUT), f, indent=1)
   if extra is not None:
     with open(os.path.join(path, "info.json"), "w") as f:
       json.dump(extra, f, indent=1)
@@ -55,6 +55,12 @@ def _saved_config(path: str) -> ModelConfig:
     raise FileNotFoundError(f"{cfg_file} not found: not an atod_jax model checkpoint")
   with open(cfg_file) as f:
     fields = json.load(f)
+  layout = fields.pop("params_layout", 1)
+  if layout != PARAMS_LAYOUT:
+    raise ValueError(
+        f"{path} holds parameters in layout {layout}; this atod_jax reads layout "
+        f"{PARAMS_LAYOUT}. Export it to an HF directory with the atod_jax that wrote it "
+        "(save_pretrained) and load that, or retrain")
   return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 

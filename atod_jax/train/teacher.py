@@ -21,6 +21,7 @@ import ml_collections
 import optax
 from tqdm.auto import tqdm
 
+from atod_jax.models import PARAMS_LAYOUT
 from atod_jax.rollout.trajectory import pack, trim
 from atod_jax.train import agents
 from atod_jax.train.config import model_config
@@ -105,7 +106,8 @@ _TEACHER_STEPS = 1_000_000
 def _fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What makes a built teacher, as JSON gives it back (tuples as lists: the stored copy
   must compare equal)."""
-  return json.loads(json.dumps({"model": config.teacher.model.to_dict(),
+  return json.loads(json.dumps({"params_layout": PARAMS_LAYOUT,
+                                "model": config.teacher.model.to_dict(),
                                 "build": config.teacher.build.to_dict(),
                                 "env": config.env.to_dict()}))
 

@@ -348,3 +348,28 @@ def test_cache_fingerprints_survive_their_json_round_trip():
   config.env.splits = (0, 1, 2)
   for fp in (_fingerprint(config), env_fingerprint(config.env)):
     assert json.loads(json.dumps(fp)) == fp
+
+
+def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
+  """Our checkpoints record the parameter layout: one written before the MLP's gate and
+  up became one parameter is refused with a one-line reason (not an orbax tree error),
+  and a built teacher's fingerprint carries the layout, so an old one is rebuilt."""
+  from atod_jax.models import PARAMS_LAYOUT, ModelConfig
+  from atod_jax.train.teacher import _fingerprint
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, intermediate_size=24, dtype="float32")
+  graphdef, params = agents.fresh_model(cfg, 0)
+  agents.save_model(str(tmp_path), graphdef, params, cfg)
+  _, loaded, got_cfg = agents.load_model(str(tmp_path))
+  assert got_cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  with open(tmp_path / "model_config.json") as f:
+    fields = json.load(f)
+  assert fields["params_layout"] == PARAMS_LAYOUT
+  del fields["params_layout"]  # as written before the layout was recorded
+  with open(tmp_path / "model_config.json", "w") as f:
+    json.dump(fields, f)
+  with pytest.raises(ValueError, match="layout 1; this atod_jax reads layout") as e:
+    agents.load_model(str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert _fingerprint(tiny_config.get_config())["params_layout"] == PARAMS_LAYOUT
