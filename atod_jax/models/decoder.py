@@ -208,11 +208,13 @@ def attend_cache(q, keys, values, key_valid, first_slot) -> jax.Array:
     def blocked(_):
       return _online_softmax(qf[:, 0], keys, values, "kg", qb, n_live, allowed, key_valid)
 
-    def whole(_):
-      s = jnp.einsum("bkgd,bkds->bkgs", qf[:, 0], keys.astype(jnp.float32))
+    def whole(_):  # products in the cache's dtype, f32 results: no converted cache copy
+      s = jnp.einsum("bkgd,bkds->bkgs", qf[:, 0].astype(keys.dtype), keys,
+                     preferred_element_type=jnp.float32)
       s = jnp.where(allowed(key_valid, jnp.arange(slots))[:, None, None], s, _MASK_VALUE)
       p = jax.nn.softmax(s, axis=-1)
-      return jnp.einsum("bkgs,bksd->bkgd", p, values.astype(jnp.float32))
+      return jnp.einsum("bkgs,bksd->bkgd", p.astype(values.dtype), values,
+                        preferred_element_type=jnp.float32)
 
     out = jax.lax.cond(n_live * qb >= FULL_CACHE_SHARE * slots, whole, blocked, None)
     return out[:, None].astype(q.dtype)  # [B, 1, K, G, D]
