@@ -32,14 +32,16 @@ def test_bf16_compute_is_close_to_f32():
   a = jax.nn.softmax(f32(tokens)[0], -1)
   b = jax.nn.softmax(bf16(tokens)[0], -1)
   assert float(jnp.max(jnp.abs(a - b))) < 2e-2
-  # a bf16 KV cache, one token a step (the decode attention), against the f32 forward
+  # a bf16 KV cache, one token a step (the decode attention), against the f32 forward:
+  # logits (std ~0.15 here) within 0.02, where a one-position slip is off by ~0.6
+  want = f32(tokens)[0][:, 17:33]
   cache = smp.init_cache(bf16, 2, 64)
   _, cache = smp.append(bf16, cache, tokens[:, :17])
   steps = []
   for t in range(17, 33):
     logits, cache = smp.append(bf16, cache, tokens[:, t:t + 1])
-    steps.append(jax.nn.softmax(logits, -1))
-  np.testing.assert_allclose(jnp.stack(steps, 1), a[:, 17:33], atol=2e-2)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.stack(steps, 1), want, atol=2e-2)
 
 
 def test_config_roundtrip_and_param_count():
