@@ -29,9 +29,9 @@ def test_bf16_compute_is_close_to_f32():
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 33)))
   f32 = DecoderLM(CFG, nnx.Rngs(0))
   bf16 = DecoderLM(CFG.replace(dtype="bfloat16"), nnx.Rngs(0))
-  a = jax.nn.softmax(f32(tokens)[0], -1)
-  b = jax.nn.softmax(bf16(tokens)[0], -1)
-  assert float(jnp.max(jnp.abs(a - b))) < 2e-2
+  # logits, not probabilities: a tiny random model's are near uniform (~1/128), where
+  # any two models agree to 2e-2; its logits (std ~0.15) move by ~0.6 between positions
+  np.testing.assert_allclose(bf16(tokens)[0], f32(tokens)[0], atol=2e-2)
   # a bf16 KV cache, one token a step (the decode attention), against the f32 forward:
   # logits (std ~0.15 here) within 0.02, where a one-position slip is off by ~0.6
   want = f32(tokens)[0][:, 17:33]
