@@ -78,13 +78,7 @@ def test_sharded_load_reads_only_device_slices(tmp_path, monkeypatch):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("query_block,min_causal_block", [
-    (8, 10**9),  # 45 queries -> 6 rematerialised blocks over all keys, the last partial
-    (512, 8),  # causal blocks of 12 queries, each reading only the keys up to its own
-    (8, 8),  # causal blocks of 8, rematerialised
-])
-def test_query_blocked_attention_matches_single_block(monkeypatch, query_block,
-                                                      min_causal_block):
+def test_query_blocked_attention_matches_single_block(monkeypatch):
   from atod_jax.models import decoder as dec
 
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 45)))
@@ -94,7 +88,10 @@ def test_query_blocked_attention_matches_single_block(monkeypatch, query_block,
   # (and differs between block layouts); every other position must match
   defined = jnp.cumsum(valid, axis=1) > 0
 
-  def run():
+  def run(query_block, min_causal_block):
+    monkeypatch.setattr(dec, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", min_causal_block)
+    jax.clear_caches()  # the block sizes are read at trace time
     model = DecoderLM(CFG, nnx.Rngs(0))
 
     def loss(m):  # the log-prob at t is read from position t - 1
@@ -103,12 +100,11 @@ def test_query_blocked_attention_matches_single_block(monkeypatch, query_block,
 
     return model(tokens, valid=valid)[0][defined], nnx.grad(loss)(model)
 
-  monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", 10**9)  # one block of all 45 queries
-  jax.clear_caches()  # the block sizes are read at trace time
-  want_logits, want_grads = run()
-  monkeypatch.setattr(dec, "QUERY_BLOCK", query_block)
-  monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", min_causal_block)
-  jax.clear_caches()
-  got_logits, got_grads = run()
-  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
+  want_logits, want_grads = run(512, 10**9)  # one block of all 45 queries
+  for blocks in [(8, 10**9),  # 6 rematerialised blocks over all keys, the last partial
+                 (512, 8),  # causal blocks of 12 queries, each reading keys up to its own
+                 (8, 8)]:  # causal blocks of 8, rematerialised
+    got_logits, got_grads = run(*blocks)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, err_msg=str(blocks))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=str(blocks)),
+                 got_grads, want_grads)
