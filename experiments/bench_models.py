@@ -4,12 +4,12 @@ W: Qwen3 shape, hidden 256, 4 layers, 8 query / 2 KV heads, head_dim 32, FFN 768
 vocab 8192, untied, f32 (~7.2M params); batch 64, prompt 64, 128 new tokens, KV cache.
 
 Prints, in one run: an f32 matmul ceiling (the higher of two measurements, before and
-after the sampling rows); new tokens/s and achieved GFLOP/s of sampled
-(temperature 1.0) and greedy decoding; the same workload through transformers
-`generate` (PyTorch, dynamic cache, top_k=0) when torch is installed (each row the best
-of interleaved runs, so that a slow spell of a shared machine hits all rows alike); a training step
-(token log-probs + AdamW update); and the per-turn cost of a 20-turn continuation next
-to re-prefilling the history each turn.
+after the sampling rows); new tokens/s and achieved GFLOP/s of sampled (temperature
+1.0) and greedy decoding; the same workload through transformers `generate` (PyTorch,
+dynamic cache, top_k=0) when torch is installed (each sampling row the best of
+interleaved runs, so that a slow spell of a shared machine hits all rows alike); a
+training step (token log-probs + AdamW update); and the per-turn cost of a 20-turn
+continuation next to re-prefilling the history each turn.
 
     python experiments/bench_models.py            # all rows
     python experiments/bench_models.py --no-torch # skip the transformers rows

@@ -85,6 +85,7 @@ def _worker(conn, factory, index: int, parent_pid: int) -> None:
 class _Handle:
   def __init__(self, ctx, factory, index: int, start_timeout: float):
     self.index = index
+    self.scratch = None  # the worker's scratch directory, once it is ready
     self.conn, child = ctx.Pipe()
     self.proc = ctx.Process(target=_worker, args=(child, factory, index, os.getpid()),
                             name=f"atod-env-{index}", daemon=True)
@@ -106,7 +107,7 @@ class _Handle:
       pass
     self.proc.join(timeout=5)
     self.conn.close()
-    if getattr(self, "scratch", None):  # a killed worker cannot remove its own
+    if self.scratch:  # a killed worker cannot remove its own
       shutil.rmtree(self.scratch, ignore_errors=True)
 
 
