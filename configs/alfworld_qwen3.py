@@ -22,37 +22,14 @@ Memory: each layer is rematerialised in the backward pass (model.remat) and a
 mini-batch's gradient is accumulated over 8 slices of 2 trajectories (optim.microbatches);
 raise microbatches if a step does not fit, lower it if it does with room to spare.
 """
-import ml_collections
+from atod_jax.train import defaults as d
 
 MAX_TURNS = 50
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.method = "atod"
-  c.env = dict(kind="alfworld", max_turns=MAX_TURNS, layout="window", history=2,
-               prompt_len=2048, response_len=512, obs_len=0, workers=16, step_timeout=600.0,
-               train_split="train", eval_split="valid_seen", eval_batch=64,
-               tokenizer="student", vocab_size=0, tokenizer_episodes=0,
-               options=dict(data_dir=""))
-  hf = dict(dtype="bfloat16", remat=True)  # override the directories' config.json
-  c.teacher = dict(source="hf", path="", cache_dir="", model=hf,
-                   build=dict(seed=0, demo_episodes=0, sft_steps=0, batch_size=1,
-                              learning_rate=0.0, expert_noise=0.0, grpo_steps=0,
-                              grpo_learning_rate=1e-6))
-  c.student = dict(init="hf", path="", model=hf,
-                   sft=dict(demo_episodes=0, steps=0, batch_size=1, learning_rate=0.0,
-                            expert_noise=0.0))
-  c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
-  c.objective = dict(
-      estimator="grpo", tdur_mode="soft_or", schedule="linear", anneal_steps=80,
-      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
-      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0, aggregation="seq_mean_token_mean")
-  c.optim = dict(learning_rate=1e-6, warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.01,
-                 max_grad_norm=1.0, minibatches=4, microbatches=8, epochs=1)
-  c.train = dict(steps=150, eval_every=10, checkpoint_every=10, keep_checkpoints=2)
-  c.eval = dict(episodes=140, temperature=0.4, greedy=False, seed=1234)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.debug = dict(nan_at_step=-1)
-  return c
+  return d.paper_run(d.text_env(
+      "alfworld", max_turns=MAX_TURNS, layout="window", history=2, prompt_len=2048,
+      response_len=512, obs_len=0, workers=16, step_timeout=600.0, train_split="train",
+      eval_split="valid_seen", eval_batch=64, tokenizer="student", vocab=0,
+      tokenizer_episodes=0, options=dict(data_dir="")))

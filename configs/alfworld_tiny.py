@@ -9,17 +9,13 @@ limit is 50 turns; 30 here keeps a CPU run short (--config.env.max_turns=50 for 
 paper's). ALFWorld itself is slow (2-3 s a reset, ~65 ms a step): most of a step's time
 is the environment.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from text_tiny import text_config  # noqa: E402
+from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = text_config("alfworld", max_turns=30, train_split="valid_train", eval_split="valid_seen",
-                  prompt_len=160, response_len=16, obs_len=40, vocab=1024,
-                  options=dict(data_dir=""))
+  c = d.tiny_text_run("alfworld", max_turns=30, train_split="valid_train",
+                      eval_split="valid_seen", prompt_len=160, response_len=16, obs_len=40, vocab=1024,
+                      options=dict(data_dir=""))
   c.eval.episodes = 140
   # the expert is not re-planned off its plan (a re-plan can take minutes), so the
   # demonstrations are clean ones

@@ -13,21 +13,21 @@ top-3 passages, exact-match reward. The student answers
 Other settings (windowed prompts, memory) as configs/alfworld_qwen3.py.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from alfworld_qwen3 import get_config as _alfworld  # noqa: E402
+from atod_jax.train import defaults as d
 
 _DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                      "shared", "data", "searchqa", "deepresearcher")
 
 
 def get_config():
-  c = _alfworld()
-  c.env.update(kind="searchqa", max_turns=4, prompt_len=2048, response_len=512,
-               workers=4, train_split="train", eval_split="test", eval_batch=128)
-  c.env.options = dict(questions=dict(train=os.path.normpath(os.path.join(_DATA, "dev.jsonl")),
-                                      test=os.path.normpath(os.path.join(_DATA, "test.jsonl"))),
-                       retriever_url="", corpus="", path="", heldout=20, topk=3)
+  questions = dict(train=os.path.normpath(os.path.join(_DATA, "dev.jsonl")),
+                   test=os.path.normpath(os.path.join(_DATA, "test.jsonl")))
+  c = d.paper_run(d.text_env(
+      "searchqa", max_turns=4, layout="window", history=2, prompt_len=2048, response_len=512,
+      obs_len=0, workers=4, step_timeout=600.0, train_split="train", eval_split="test",
+      eval_batch=128, tokenizer="student", vocab=0, tokenizer_episodes=0,
+      options=dict(questions=questions, retriever_url="", corpus="", path="", heldout=20,
+                   topk=3)))
   c.eval.episodes = 3197
   return c

@@ -5,16 +5,12 @@
 Needs the `search` extra and ../shared/data/searchqa (or $ATOD_JAX_DATA). 80 training
 questions, 20 held out; 4 turns (the paper's limit); reward = exact match.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from text_tiny import text_config  # noqa: E402
+from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = text_config("searchqa", max_turns=4, train_split="train", eval_split="heldout",
-                  prompt_len=64, response_len=64, obs_len=192, vocab=2048,
-                  options=dict(path=""))
+  c = d.tiny_text_run("searchqa", max_turns=4, train_split="train", eval_split="heldout",
+                      prompt_len=64, response_len=64, obs_len=192, vocab=2048,
+                      options=dict(path=""))
   c.eval.episodes = 20
   return c

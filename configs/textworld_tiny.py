@@ -7,15 +7,11 @@ Needs the `textworld` extra. Games: one room, one ingredient (`tw-cooking --reci
 with --config.env.options.splits.train='(0, 1, 2)'). About 10 minutes on a 2-core CPU
 (the first run also makes the 232 games: ~2 min).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from text_tiny import text_config  # noqa: E402
+from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = text_config(
+  c = d.tiny_text_run(
       "textworld", max_turns=10, train_split="train", eval_split="heldout",
       prompt_len=128, response_len=12, obs_len=64, vocab=768,
       options=dict(cache_dir="", splits=dict(train=tuple(range(200)),

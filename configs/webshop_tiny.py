@@ -8,16 +8,12 @@ Needs the `webshop` extra and the data (../shared/data/webshop, or $WEBSHOP_DATA
 evaluates on the first 100 test goals; 15 turns (the paper's limit). Success is a
 purchase with reward 1.0; eval/reward is WebShop's score.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from text_tiny import text_config  # noqa: E402
+from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = text_config("webshop", max_turns=15, train_split="train", eval_split="test",
-                  prompt_len=96, response_len=24, obs_len=128, vocab=2048,
-                  options=dict(data_dir=""))
+  c = d.tiny_text_run("webshop", max_turns=15, train_split="train", eval_split="test",
+                      prompt_len=96, response_len=24, obs_len=128, vocab=2048,
+                      options=dict(data_dir=""))
   c.eval.episodes = 100
   return c

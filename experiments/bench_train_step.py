@@ -10,20 +10,20 @@ slowest case, and that is what is measured).
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from atod_jax.envs.household import HouseholdParams
-from atod_jax.rollout import HouseholdRollout, pack, summarize, trim
+from atod_jax.models import ModelConfig
+from atod_jax.models import checkpoint as model_io
+from atod_jax.rollout import pack, summarize, trim
 from atod_jax.sampling import SamplingParams
-from atod_jax.train import agents
-from atod_jax.train.config import model_config, schedules, validate
-from atod_jax.train.steps import advantages, init_state, jit_policy_update, jit_score, \
-    make_optimizer
+from atod_jax.train.config import validate
+from atod_jax.train.methods import make_update
+from atod_jax.train.sources.device import DeviceSource, rollout_fn, task_keys
+from atod_jax.train.steps import jit_advantages, jit_policy_update, jit_score
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "config")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (after one warm-up)")
@@ -42,31 +42,27 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   validate(config)
-  r, o, opt = config.rollout, config.objective, config.optim
-  spec = HouseholdRollout(HouseholdParams.preset(config.env.preset), config.env.obs_len)
-  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
-  t_graph, t_params = agents.fresh_model(model_config(config.teacher.model), 1)
-  roll = agents.rollout_fn(graphdef, spec, "train", SamplingParams(r.temperature))
-  keys, groups = agents.task_keys(0, agents.TASKS, 0, r.tasks_per_step, r.group_size)
+  r, opt = config.rollout, config.optim
+  spec = DeviceSource(config).spec
+  graphdef, params = model_io.fresh(ModelConfig(**config.student.model), jax.random.key(0))
+  t_graph, t_params = model_io.fresh(ModelConfig(**config.teacher.model), jax.random.key(1))
+  roll = rollout_fn(graphdef, spec, "train", SamplingParams(r.temperature))
+  keys, groups = task_keys(jax.random.key(2), r.tasks_per_step, r.group_size)
   rows = r.tasks_per_step * r.group_size
 
   t_roll, traj = _time(lambda i: roll(params, keys, jax.random.key(i), groups), _REPEATS.value)
   packed = trim(pack(traj))
   t_pack, _ = _time(lambda i: trim(pack(traj)), _REPEATS.value)
   t_score, t_logp = _time(lambda i: jit_score(t_graph, t_params, packed), _REPEATS.value)
-  sched, mode = schedules(config)
-  adv_fn = jax.jit(functools.partial(advantages, sched=sched, tdur_mode=mode,
-                                     estimator=o.estimator, num_groups=r.tasks_per_step,
-                                     max_turns=spec.max_turns))
-  t_adv, (adv, _) = _time(lambda i: adv_fn(packed, t_logp, i), _REPEATS.value)
-  tx = make_optimizer(opt)
-  state = [init_state(params, tx)]
+  upd = make_update(config, config.method, graphdef, max_turns=spec.max_turns)
+  t_adv, (adv, _) = _time(
+      lambda i: jit_advantages(packed, t_logp, upd.sched.kappa(i), upd.sched.rho(i),
+                               upd.advantage), _REPEATS.value)
+  state = [upd.init(params)]
 
   def update(i):
-    state[0], m = jit_policy_update(
-        graphdef, tx, state[0], packed, adv, jax.random.key(i), minibatches=opt.minibatches,
-        epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
-        dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature)
+    state[0], m = jit_policy_update(graphdef, upd.tx, state[0], packed, adv, jax.random.key(i),
+                                    upd.loss, upd.walk)
     return m
   t_upd, _ = _time(update, _REPEATS.value)
 

@@ -1,41 +1,24 @@
-"""From raw model outputs to environment steps: extraction, penalties, notes."""
+"""The one policy for answers that are not a usable command, shared by every rollout.
+
+A turn is *invalid* when the policy's answer is malformed (no stop token in its slots;
+windowed, no ``<think>`` block or no action tag: see
+:func:`atod_jax.envs.prompts.extract_action`) or when the environment reports that the
+command did nothing (``info["invalid"]``, or the device env's ``invalid`` flag). An
+invalid turn still costs its turn (the environment gets an empty command and answers as
+it does to nonsense), is counted (``Trajectory.invalid``, the ``invalid_rate`` metric)
+and, with ``env.invalid_penalty = c``, earns ``-c`` on top of the environment's reward
+(verl-agent's ``invalid_action_penalty_coef``; its scripts use 0.1). The functions take
+numpy or JAX arrays alike.
+"""
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
 
-import numpy as np
-
-from atod_jax.envs.base import Batch, BatchedEnv
-from atod_jax.envs.prompts import ParsedAction, extract_action, invalid_format_note
+def invalid_turns(live, malformed, flagged):
+  """``[B]`` bool: the live episodes whose turn was invalid."""
+  return live & (malformed | flagged)
 
 
-@dataclasses.dataclass
-class AgentStep:
-  batch: Batch  # observations carry a note where the output was malformed
-  parsed: list[ParsedAction]
-  rewards: np.ndarray  # env reward plus the format penalty
-
-
-def act(env: BatchedEnv, outputs: Sequence[str | bytes | None], done: np.ndarray, *,
-        format_penalty: float = -0.1, require_think: bool = True) -> AgentStep:
-  """Extracts one command per live episode and steps ``env``.
-
-  A malformed output still costs its turn: the env receives an empty command (it
-  answers "Nothing happens."), the reward gets ``format_penalty`` and the observation
-  starts with a note saying what was wrong. A well-formed command that the environment
-  reports as invalid (``info["invalid"]``) gets the same penalty. Finished episodes
-  (``done``) are skipped.
-  """
-  parsed = [ParsedAction("", True, "") if d else extract_action(o, require_think=require_think)
-            for o, d in zip(outputs, done)]
-  actions = [None if d else (p.action if p.ok else "") for p, d in zip(parsed, done)]
-  batch = env.step(actions)
-  bad = np.array([not p.ok and not d for p, d in zip(parsed, done)])
-  invalid = np.array([bool(info.get("invalid", False)) for info in batch.infos] or
-                     [False] * len(parsed))
-  penalised = bad | (invalid & ~np.asarray(done, bool))
-  rewards = batch.rewards + np.where(penalised, format_penalty, 0.0).astype(np.float32)
-  batch.observations = [f"{invalid_format_note(p.reason)} {o}" if b else o
-                        for p, o, b in zip(parsed, batch.observations, bad)]
-  return AgentStep(batch, parsed, rewards)
+def turn_rewards(env_rewards, live, invalid, penalty: float):
+  """``[B]`` float32: this turn's reward, the environment's minus ``penalty`` for an
+  invalid turn (0 for finished episodes)."""
+  return (env_rewards * live - penalty * invalid).astype("float32")

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atod_jax.envs.base import DeviceStep
+
 # ---------------------------------------------------------------------- vocabulary
 RECEPTACLES = ("cabinet", "drawer", "fridge", "microwave", "sinkbasin", "countertop",
                "shelf", "diningtable", "stoveburner", "garbagecan")
@@ -533,3 +535,69 @@ def encode_action(text: str) -> np.ndarray:
   if len(ids) > ACTION_LEN:
     ids = ids[:ACTION_LEN - 1] + [UNK]  # over-long: keeps it unparseable
   return np.array(ids + [PAD] * (ACTION_LEN - len(ids)), np.int32)
+
+
+# ---------------------------------------------------------------------- device protocol
+def _anchor(state: State) -> jax.Array:
+  """An int32 hash (FNV-1a over the words of every field but the turn count and the
+  flags) of what the agent can act on: equal states at different turns share it."""
+  fields = (state.rec_type, state.rec_num, state.rec_open, state.obj_type, state.obj_num,
+            state.obj_loc, state.obj_clean, state.obj_hot, state.obj_cool, state.agent_loc,
+            state.holding, state.goal)
+  words = jnp.concatenate([jnp.ravel(f).astype(jnp.uint32) for f in fields])
+
+  def mix(h, w):
+    return (h ^ w) * jnp.uint32(16777619), None
+
+  h, _ = jax.lax.scan(mix, jnp.uint32(2166136261), words)
+  return jax.lax.bitcast_convert_type(h, jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HouseholdEnv:
+  """The household family behind :class:`atod_jax.envs.base.DeviceEnv` (one episode per
+  call; the rollout vmaps)."""
+
+  params: HouseholdParams = HouseholdParams()
+
+  prompt_len = OBS_LEN
+  action_len = ACTION_LEN
+  vocab_size = len(VOCAB)
+  pad_id, eos_id, unk_id = PAD, EOS, UNK
+
+  @property
+  def max_turns(self) -> int:
+    return self.params.max_turns
+
+  def reset(self, key, split):
+    return reset(self.params, key, split)
+
+  def first_observation(self, state):
+    return observe(self.params, state, initial_event())
+
+  def step(self, state, command):
+    new, out = step(self.params, state, command)
+    return new, DeviceStep(out.reward, out.invalid, out.event)
+
+  def observe(self, state, event):
+    return observe(self.params, state, event)
+
+  def status(self, state):
+    return state.done, state.won, state.turn
+
+  def expert(self, state, key, noise):
+    k_flip, k_pick = jax.random.split(key)
+    cands = candidate_actions(state)
+    pick = cands[jax.random.randint(k_pick, (), 0, cands.shape[0])]
+    noisy = jax.random.uniform(k_flip) < noise
+    command = jnp.where(noisy, action_tokens(state, pick[0], pick[1], pick[2]),
+                        expert_action(state))
+    return command.astype(jnp.int32), noisy
+
+  def anchor(self, state):
+    return _anchor(state)
+
+
+def device_env(env_config) -> HouseholdEnv:
+  """The registry's constructor: ``env.preset`` names the difficulty."""
+  return HouseholdEnv(HouseholdParams.preset(env_config.preset))

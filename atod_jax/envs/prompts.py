@@ -18,33 +18,11 @@ INSTRUCTIONS = (
     "tags. Once you've finished your reasoning, you should choose an admissible action for "
     "the current step and present it within <action> </action> tags.")
 
-# Per environment: (system prompt, format instructions, tag around the command; ``None``
-# where the command carries its own tags, as Search-QA's ``<search>`` / ``<answer>``).
-_SEARCH_INSTRUCTIONS = (
+# Search-QA's instructions (see ``atod_jax.envs.registry`` for every environment's).
+SEARCH_INSTRUCTIONS = (
     "Now it's your turn. You should first reason step-by-step inside <think> </think>. "
     "Then either search with <search> query </search> (the top passages come back inside "
     "<information> </information>) or give the final answer with <answer> answer </answer>.")
-AGENT_FORMATS: dict[str, tuple[str, str, str | None]] = {
-    "alfworld": ("You are an expert agent operating in the ALFRED embodied household "
-                 "environment. You act by issuing one text command per turn.",
-                 INSTRUCTIONS, "action"),
-    "webshop": ("You are an expert agent shopping on a web store: you search, open products, "
-                "choose their options and buy. You act by issuing one command per turn, "
-                "search[query] or click[element].", INSTRUCTIONS, "action"),
-    "searchqa": ("You are an expert at answering questions with a search engine.",
-                 _SEARCH_INSTRUCTIONS, None),
-    "textworld": ("You are an expert player of text adventure games. You act by issuing one "
-                  "text command per turn.", INSTRUCTIONS, "action"),
-    "scienceworld": ("You are an expert agent doing science experiments in a text "
-                     "simulation. You act by issuing one text command per turn.",
-                     INSTRUCTIONS, "action"),
-}
-
-
-def agent_format(kind: str) -> tuple[str, str, str | None]:
-  """(system prompt, instructions, action tag) for an environment kind (the household
-  defaults for any other)."""
-  return AGENT_FORMATS.get(kind, (SYSTEM, INSTRUCTIONS, "action"))
 
 
 _ACTION = re.compile(r"<action>(.*?)</action>", re.IGNORECASE | re.DOTALL)
@@ -72,7 +50,7 @@ def render_prompt(
     admissible: the admissible commands, if the environment lists them.
     window: history turns shown (the paper's "short history window").
     system, instructions: the system prompt and the closing format instructions
-      (:func:`agent_format` has them per environment).
+      (``atod_jax.envs.registry`` has them per environment).
   """
   step = len(history)
   lines = [f"Your task is to: {task}" + ("" if task.rstrip().endswith((".", "?", "!")) else ".")]

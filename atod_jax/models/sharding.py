@@ -60,6 +60,13 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def leaf_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+  """:func:`state_shardings` with exactly ``state``'s tree structure (a sharding per
+  array leaf), for ``jax.tree.map`` alongside the state."""
+  return jax.tree.unflatten(jax.tree.structure(state),
+                            jax.tree.leaves(state_shardings(state, mesh, rules)))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
   """Moves every parameter of ``model`` to its sharding on ``mesh`` (in place)."""
   state = nnx.state(model)

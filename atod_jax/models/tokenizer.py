@@ -142,3 +142,23 @@ class Tokenizer:
                                  add_generation_prompt=add_generation_prompt,
                                  **{**specials, **kwargs})
     return self.encode(text) if tokenize else text
+
+
+def train_text_tokenizer(texts: Sequence[str], vocab_size: int, path: str) -> Tokenizer:
+  """A byte-level BPE tokenizer (``tokenizers``) trained on ``texts`` and saved to
+  ``path`` (``tokenizer.json`` and ``tokenizer_config.json`` with ``<eos>`` and
+  ``<pad>``), for CPU-sized models on the real environments."""
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = _HFTokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer)
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<eos>", "pad_token": "<pad>"}, f)
+  return Tokenizer.from_pretrained(path)

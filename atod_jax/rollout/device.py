@@ -1,4 +1,5 @@
-"""The whole multi-turn rollout on device, for the JAX household task family.
+"""The whole multi-turn rollout on device, for environments written in JAX
+(:class:`~atod_jax.envs.base.DeviceEnv`: the household family is one).
 
 One jitted function runs every turn of a batch of episodes (``lax.scan`` over turns):
 the policy decodes a response from its KV cache, the vmapped environment steps, the
@@ -12,9 +13,10 @@ slots, ``O`` observation slots)::
     [ prompt (left-aligned) | resp 0 | obs 0 | resp 1 | obs 1 | ... | resp K-1 | obs K-1 ]
 
 A response is the command's words then ``<eos>``; a response without ``<eos>`` in its
-``M`` slots is malformed (the environment sees an unparseable command). The first
-observation (the task and the room) is the prompt; each later answer is cut to ``O``
-words. After the episode ends every later slot is padding (``valid`` False).
+``M`` slots is malformed (the environment sees an unparseable command: an invalid turn,
+see :mod:`atod_jax.envs.agent`). The first observation (the task and the start) is the
+prompt; each later answer is cut to ``O`` words. After the episode ends every later slot
+is padding (``valid`` False).
 """
 from __future__ import annotations
 
@@ -23,21 +25,28 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from atod_jax.envs import household as hh
+from atod_jax.envs.agent import invalid_turns, turn_rewards
+from atod_jax.envs.base import DeviceEnv
 from atod_jax.models.decoder import DecoderLM, KVCache
 from atod_jax.rollout.trajectory import Trajectory, assemble, cache_slots, layout_length
 from atod_jax.sampling.generate import SamplingParams, append_tokens, decode_loop
 
 
 @dataclasses.dataclass(frozen=True)
-class HouseholdRollout:
-  """Static shape of an on-device household rollout."""
+class DeviceRollout:
+  """Static shape of an on-device rollout: the environment and the answer slots."""
 
-  env: hh.HouseholdParams
+  env: DeviceEnv
   obs_len: int = 24  # words kept of each answer (the first observation is kept whole)
 
-  response_len = hh.ACTION_LEN + 1  # M: a command and <eos>
-  prompt_len = hh.OBS_LEN  # P
+  @property
+  def response_len(self) -> int:
+    """``M``: a command and ``<eos>``."""
+    return self.env.action_len + 1
+
+  @property
+  def prompt_len(self) -> int:
+    return self.env.prompt_len
 
   @property
   def max_turns(self) -> int:
@@ -61,60 +70,58 @@ def _left_align(tokens: jax.Array, valid: jax.Array):
   return jnp.take_along_axis(tokens, idx, axis=1), jnp.arange(n)[None, :] >= n - count
 
 
-def _expert_response(state: hh.State, key: jax.Array, noise: float):
-  """The expert's command as a response: words, ``<eos>``, padding; with probability
-  ``noise`` a random command instead (returned flag True: not to be imitated)."""
-  action = jax.vmap(hh.expert_action)(state)  # [B, ACTION_LEN]
-  b = action.shape[0]
-  k_flip, k_pick = jax.random.split(key)
-  cands = hh.candidate_actions(state)
-  pick = cands[jax.random.randint(k_pick, (b,), 0, cands.shape[0])]
-  rand = jax.vmap(lambda s, c: hh.action_tokens(s, c[0], c[1], c[2]))(state, pick)
-  noisy = jax.random.uniform(k_flip, (b,)) < noise
-  action = jnp.where(noisy[:, None], rand, action)
-  m = HouseholdRollout.response_len
-  words = jnp.sum(action != hh.PAD, axis=1, keepdims=True)
+def _expert_response(env: DeviceEnv, state, key: jax.Array, noise: float):
+  """The expert's commands as responses: words, ``<eos>``, padding; the flag: a random
+  command (noise), not to be imitated."""
+  keys = jax.random.split(key, jax.tree.leaves(state)[0].shape[0])
+  action, noisy = jax.vmap(lambda s, k: env.expert(s, k, noise))(state, keys)
+  m = env.action_len + 1
+  words = jnp.sum(action != env.pad_id, axis=1, keepdims=True)
   j = jnp.arange(m)[None, :]
-  padded = jnp.pad(action, ((0, 0), (0, 1)), constant_values=hh.PAD)
-  tokens = jnp.where(j < words, padded, jnp.where(j == words, hh.EOS, hh.PAD))
+  padded = jnp.pad(action, ((0, 0), (0, 1)), constant_values=env.pad_id)
+  tokens = jnp.where(j < words, padded, jnp.where(j == words, env.eos_id, env.pad_id))
   return tokens.astype(jnp.int32), j <= words, noisy
 
 
-def _command(tokens: jax.Array, valid: jax.Array) -> jax.Array:
-  """Response tokens ``[B, M]`` -> command word ids ``[B, ACTION_LEN]`` (all ``<unk>`` when
-  the response has no ``<eos>``)."""
-  is_eos = (tokens == hh.EOS) & valid
+def _command(env: DeviceEnv, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+  """Response tokens ``[B, M]`` -> commands ``[B, action_len]`` (all ``unk_id`` when the
+  response has no ``eos_id``)."""
+  is_eos = (tokens == env.eos_id) & valid
   has_eos = jnp.any(is_eos, axis=1, keepdims=True)
   end = jnp.argmax(is_eos, axis=1)[:, None]
   j = jnp.arange(tokens.shape[1])[None, :]
-  words = jnp.where(j < end, tokens, hh.PAD)[:, :hh.ACTION_LEN]
-  return jnp.where(has_eos, words, hh.UNK).astype(jnp.int32)
+  words = jnp.where(j < end, tokens, env.pad_id)[:, :env.action_len]
+  return jnp.where(has_eos, words, env.unk_id).astype(jnp.int32)
 
 
-def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Array,
+def rollout(model: DecoderLM | None, spec: DeviceRollout, task_keys: jax.Array,
             key: jax.Array, *, split: str = "train",
             sampling: SamplingParams | None = SamplingParams(),
-            group_ids: jax.Array | None = None, expert_noise: float = 0.0) -> Trajectory:
+            group_ids: jax.Array | None = None, expert_noise: float = 0.0,
+            invalid_penalty: float = 0.0) -> Trajectory:
   """Plays one episode per task key; traceable (call it under ``jax.jit``).
 
   Args:
     model: the policy; ignored when ``sampling`` is None (the expert plays).
-    spec: static shapes (:class:`HouseholdRollout`).
+    spec: the environment and static shapes (:class:`DeviceRollout`).
     task_keys: ``[B]`` PRNG keys; the same key (and split) is always the same task, so
       repeating a key G times gives a GRPO group.
     key: PRNG key of the policy's draws (turn ``k`` uses ``fold_in(key, k)``).
-    split: "train" or "heldout" (static).
+    split: the environment's split name (static).
     sampling: the policy's :class:`SamplingParams`; None plays the expert.
     group_ids: ``[B]`` int32 (default: one group per row).
     expert_noise: when the expert plays, the chance that a turn's command is a random
       one instead, whose tokens stay in the context but not in ``gen_mask`` (noise
       injection, as in DART: a clone then also learns to recover from mistakes, which
       a teacher scoring a student's off-course episodes needs).
+    invalid_penalty: subtracted from the reward of every invalid turn
+      (:mod:`atod_jax.envs.agent`).
   """
+  env = spec.env
   b = task_keys.shape[0]
-  state = jax.vmap(lambda k: hh.reset(spec.env, k, split))(task_keys)
-  first = jax.vmap(lambda s: hh.observe(spec.env, s, hh.initial_event()))(state)
-  prompt, prompt_valid = _left_align(first, first != hh.PAD)
+  state = jax.vmap(lambda k: env.reset(k, split))(task_keys)
+  first = jax.vmap(env.first_observation)(state)
+  prompt, prompt_valid = _left_align(first, first != env.pad_id)
   m = spec.response_len
   expert = sampling is None
   if expert:
@@ -122,37 +129,42 @@ def rollout(model: DecoderLM | None, spec: HouseholdRollout, task_keys: jax.Arra
   else:
     cache = KVCache.init(model.cfg, b, spec.cache_slots)
     logits, cache = append_tokens(model, cache, prompt, prompt_valid)
-  stop = jnp.full((b, 1), hh.EOS, jnp.int32)
+  stop = jnp.full((b, 1), env.eos_id, jnp.int32)
 
   def turn(carry, k):
     state, cache, logits = carry
-    live = ~state.done
+    live = ~jax.vmap(env.status)(state)[0]
+    anchor = jax.vmap(env.anchor)(state)
     if expert:
-      resp, resp_valid, noisy = _expert_response(state, jax.random.fold_in(key, k),
+      resp, resp_valid, noisy = _expert_response(env, state, jax.random.fold_in(key, k),
                                                  expert_noise)
       resp_valid &= live[:, None]
-      resp = jnp.where(resp_valid, resp, hh.PAD)
+      resp = jnp.where(resp_valid, resp, env.pad_id)
       resp_logp = jnp.zeros(resp.shape, jnp.float32)
       imitate = resp_valid & ~noisy[:, None]
     else:
       out = decode_loop(model, cache, logits, jax.random.fold_in(key, k), m, sampling, stop,
-                        jnp.where(live, m, 0), jnp.int32(hh.PAD))
+                        jnp.where(live, m, 0), jnp.int32(env.pad_id))
       resp, resp_valid, resp_logp, cache = out.tokens, out.valid, out.logprobs, out.cache
       imitate = resp_valid
-    new_state, so = jax.vmap(lambda s, a: hh.step(spec.env, s, a))(
-        state, _command(resp, resp_valid))
-    obs = jax.vmap(lambda s, e: hh.observe(spec.env, s, e))(new_state, so.event)
-    obs = obs[:, :spec.obs_len]
-    obs, obs_valid = _left_align(obs, (obs != hh.PAD) & ~new_state.done[:, None])
-    obs = jnp.where(obs_valid, obs, hh.PAD)
+    new_state, so = jax.vmap(env.step)(state, _command(env, resp, resp_valid))
+    done = jax.vmap(env.status)(new_state)[0]
+    obs = jax.vmap(env.observe)(new_state, so.event)[:, :spec.obs_len]
+    obs, obs_valid = _left_align(obs, (obs != env.pad_id) & ~done[:, None])
+    obs = jnp.where(obs_valid, obs, env.pad_id)
     if not expert:
       logits, cache = append_tokens(model, cache, obs, obs_valid)
-    record = (resp, resp_valid, imitate, resp_logp, obs, obs_valid, so.reward * live,
-              so.invalid)
+    malformed = ~jnp.any((resp == env.eos_id) & resp_valid, axis=1)
+    invalid = invalid_turns(live, malformed, so.invalid)
+    reward = turn_rewards(so.reward, live, invalid, invalid_penalty)
+    record = (resp, resp_valid, imitate, resp_logp, obs, obs_valid, reward, invalid,
+              jnp.where(live, anchor, -1))
     return (new_state, cache, logits), record
 
   (state, _, _), rec = jax.lax.scan(turn, (state, cache, logits), jnp.arange(spec.max_turns))
-  resp, resp_valid, imitate, resp_logp, obs, obs_valid, reward, invalid = rec  # [K, B, ...]
+  resp, resp_valid, imitate, resp_logp, obs, obs_valid, reward, invalid, anchors = rec
+  _, won, turns = jax.vmap(env.status)(state)
   return assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
-                  rewards=jnp.sum(reward, axis=0), won=state.won, num_turns=state.turn,
-                  invalid=jnp.sum(invalid, axis=0, dtype=jnp.int32), group_ids=group_ids)
+                  rewards=jnp.sum(reward, axis=0), won=won, num_turns=turns,
+                  invalid=jnp.sum(invalid, axis=0, dtype=jnp.int32), group_ids=group_ids,
+                  turn_rewards=reward, anchors=anchors)

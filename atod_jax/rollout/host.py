@@ -35,13 +35,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import zlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atod_jax.envs.prompts import agent_format, extract_action, render_prompt
+from atod_jax.envs import registry
+from atod_jax.envs.agent import invalid_turns, turn_rewards
+from atod_jax.envs.prompts import extract_action, render_prompt
 from atod_jax.models.sharding import shard_batch
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.rollout.trajectory import (Trajectory, assemble, assemble_windowed, cache_slots,
@@ -95,16 +98,17 @@ def _expert_answer(command: str, tag: str | None) -> str:
 
 class TextCodec:
   """Episode text <-> the token slots of a :class:`TextRollout` (see the module doc);
-  ``env_kind`` picks the windowed prompts' wording and action tag."""
+  ``env_kind`` (its registry entry) picks the windowed prompts' wording and action tag."""
 
-  def __init__(self, tokenizer: Tokenizer, spec: TextRollout, env_kind: str = ""):
+  def __init__(self, tokenizer: Tokenizer, spec: TextRollout, env_kind: str = "household"):
     self.tokenizer, self.spec = tokenizer, spec
     self.eos = tokenizer.eos_token_id
     if self.eos is None:
       raise ValueError("the tokenizer has no eos token (tokenizer_config.json eos_token)")
     self.stops = tokenizer.stop_token_ids  # eos first: what the expert's answers end with
     self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-    self.system, self.instructions, self.action_tag = agent_format(env_kind)
+    fmt = registry.get(env_kind).agent
+    self.system, self.instructions, self.action_tag = fmt.system, fmt.instructions, fmt.action_tag
 
   def prompt(self, task: str, observation: str) -> list[int]:
     """Context layout: the task (at most half the slots) then the head of the first
@@ -176,7 +180,8 @@ def episode_text(spec: TextRollout, env_kind: str, episode: dict) -> str:
   if not spec.windowed:
     return (f"Task: {episode['task']}\n" + "\n".join(obs) + "\n"
             + "\n".join(" " + a for a in acts))
-  system, instructions, tag = agent_format(env_kind)
+  fmt = registry.get(env_kind).agent
+  system, instructions, tag = fmt.system, fmt.instructions, fmt.action_tag
   parts = []
   for k, act in enumerate(acts):
     messages = render_prompt(episode["task"], obs[k], list(zip(obs[:k], acts[:k])),
@@ -197,10 +202,16 @@ def _right(rows: list[list[int]], width: int, pad: int):
   return out, valid
 
 
+def anchor_key(observation: str) -> int:
+  """The anchor-state key of a text observation (GiGPO): a 31-bit CRC of its lower-case
+  words, so observations that differ only in case or spacing share it."""
+  return zlib.crc32(" ".join(observation.lower().split()).encode()) & 0x7FFFFFFF
+
+
 def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[int],
                  key: jax.Array, *, sampling: SamplingParams | None = SamplingParams(),
                  group_ids: Sequence[int] | None = None, expert_noise: float = 0.0,
-                 mesh=None) -> tuple[Trajectory, list[dict]]:
+                 mesh=None, invalid_penalty: float = 0.0) -> tuple[Trajectory, list[dict]]:
   """Plays one episode per task id; returns the trajectory batch and each episode's
   last ``info`` (task type, score, ...).
 
@@ -209,7 +220,9 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   command, kept in the context but not imitated (noise injection, as in DART).
   Episodes the environment aborted (a worker failure) get ``row_valid`` False.
   With ``mesh``, the episodes (the KV cache and every token batch) are sharded over its
-  data axes, so decoding is data-parallel.
+  data axes, so decoding is data-parallel. Invalid turns (:mod:`atod_jax.envs.agent`)
+  earn ``-invalid_penalty``; each turn's anchor is :func:`anchor_key` of the observation
+  it answered.
   """
   put = (lambda x: x) if mesh is None else (lambda x: shard_batch(x, mesh))  # noqa: E731
   spec, pad = codec.spec, codec.pad
@@ -229,7 +242,8 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   resp_valid = np.zeros((kk, b, m), bool)
   imitate = np.zeros((kk, b, m), bool)
   resp_logp = np.zeros((kk, b, m), np.float32)
-  rewards = np.zeros(b, np.float32)
+  rewards = np.zeros((kk, b), np.float32)
+  anchors = np.full((kk, b), -1, np.int32)
   turns = np.zeros(b, np.int32)
   invalid = np.zeros(b, np.int32)
   aborted = np.zeros(b, bool) if batch.aborted is None else batch.aborted.copy()
@@ -291,11 +305,13 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
         command = codec.command(toks[i][valid[i]])
         malformed[i] = command is None
         actions[i] = command or ""
+    anchors[k] = [anchor_key(current[i]) if live[i] else -1 for i in range(b)]
     batch = env.step(actions)
-    rewards += np.where(live, batch.rewards, 0.0).astype(np.float32)
     turns += live
     flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos] or [False] * b)
-    invalid += (live & (malformed | flagged)).astype(np.int32)
+    bad = invalid_turns(live, malformed, flagged)
+    invalid += bad.astype(np.int32)
+    rewards[k] = turn_rewards(np.asarray(batch.rewards, np.float32), live, bad, invalid_penalty)
     if batch.aborted is not None:
       aborted |= batch.aborted & live
     for i in np.flatnonzero(live):
@@ -312,35 +328,11 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
       if not expert and not done.all() and k + 1 < kk:
         logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
   won = batch.wons.copy() & ~aborted
-  rows = dict(rewards=rewards, won=won, num_turns=turns, invalid=invalid, group_ids=group_ids,
-              row_valid=~aborted)
+  rows = dict(rewards=rewards.sum(axis=0), won=won, num_turns=turns, invalid=invalid,
+              group_ids=group_ids, row_valid=~aborted, turn_rewards=rewards, anchors=anchors)
   if spec.windowed:
     traj = assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, **rows)
   else:
     traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
                     **rows)
   return traj, infos
-
-
-def train_text_tokenizer(texts: Sequence[str], vocab_size: int, path: str) -> Tokenizer:
-  """A byte-level BPE tokenizer (``tokenizers``) trained on ``texts`` and saved to
-  ``path`` (``tokenizer.json`` and ``tokenizer_config.json`` with ``<eos>`` and
-  ``<pad>``), for CPU-sized models on the real environments."""
-  import json
-  import os
-
-  from tokenizers import Tokenizer as HFTokenizer
-  from tokenizers import decoders, models, pre_tokenizers, trainers
-
-  tok = HFTokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(list(texts), trainer)
-  os.makedirs(path, exist_ok=True)
-  tok.save(os.path.join(path, "tokenizer.json"))
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"eos_token": "<eos>", "pad_token": "<pad>"}, f)
-  return Tokenizer.from_pretrained(path)

@@ -37,6 +37,9 @@ class Trajectory(NamedTuple):
   invalid: jax.Array  # [B] int32: turns whose action was malformed or did nothing
   group_ids: jax.Array  # [B] int32: rows of the same task share a group
   row_valid: jax.Array  # [B] bool: False for an episode lost to an environment failure
+  turn_rewards: jax.Array  # [B, K] float32: each turn's reward (they sum to ``rewards``)
+  anchors: jax.Array  # [B, K] int32: key of the state each turn acted from (equal
+  # states, equal keys: GiGPO's anchor states); -1 where the env gives none
 
   @property
   def num_tokens(self) -> jax.Array:
@@ -79,13 +82,15 @@ def cache_slots(length: int, multiple: int = 128) -> int:
 
 
 def assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid, *,
-             rewards, won, num_turns, invalid, group_ids=None, row_valid=None) -> Trajectory:
+             rewards, won, num_turns, invalid, group_ids=None, row_valid=None,
+             turn_rewards=None, anchors=None) -> Trajectory:
   """A :class:`Trajectory` from per-turn pieces, in the layout every rollout shares::
 
       [ prompt (P) | resp 0 (M) | obs 0 (O) | resp 1 | obs 1 | ... | resp K-1 | obs K-1 ]
 
   ``prompt*`` are ``[B, P]``; ``resp``, ``resp_valid``, ``imitate`` (the tokens to train
-  on), ``resp_logp`` are ``[K, B, M]``; ``obs*`` ``[K, B, O]``; the rest ``[B]``.
+  on), ``resp_logp`` are ``[K, B, M]``; ``obs*`` ``[K, B, O]``; ``turn_rewards`` and
+  ``anchors`` ``[K, B]`` (default: no per-turn rewards, no anchors); the rest ``[B]``.
   Traceable, and also takes numpy arrays (the host rollout)."""
   resp, resp_valid, imitate, resp_logp, obs, obs_valid = map(
       jnp.asarray, (resp, resp_valid, imitate, resp_logp, obs, obs_valid))
@@ -106,15 +111,17 @@ def assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, ob
                           lay(resp_logp.astype(jnp.float32), jnp.zeros(obs.shape, jnp.float32))],
                          axis=1)
   return _finish(tokens, valid, gen, turn_ids, logp, rewards=rewards, won=won,
-                 num_turns=num_turns, invalid=invalid, group_ids=group_ids, row_valid=row_valid)
+                 num_turns=num_turns, invalid=invalid, group_ids=group_ids, row_valid=row_valid,
+                 turn_rewards=turn_rewards, anchors=anchors, turns=kk)
 
 
 def assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, *,
                       rewards, won, num_turns, invalid, group_ids=None,
-                      row_valid=None) -> Trajectory:
+                      row_valid=None, turn_rewards=None, anchors=None) -> Trajectory:
   """A window-layout :class:`Trajectory` (``[B, K, P + M]``): segment ``k`` is turn
   ``k``'s prompt (``prompt*`` ``[K, B, P]``) then its response (``resp``, ``resp_valid``,
-  ``imitate``, ``resp_logp`` ``[K, B, M]``); the rest ``[B]``."""
+  ``imitate``, ``resp_logp`` ``[K, B, M]``); ``turn_rewards``, ``anchors`` ``[K, B]``;
+  the rest ``[B]``."""
   resp, resp_valid, imitate, resp_logp, prompt, prompt_valid = map(
       jnp.asarray, (resp, resp_valid, imitate, resp_logp, prompt, prompt_valid))
   kk = resp.shape[0]
@@ -128,12 +135,15 @@ def assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp
                  lay(jnp.full(prompt.shape, -1, jnp.int32), turn_of),
                  lay(jnp.zeros(prompt.shape, jnp.float32), resp_logp.astype(jnp.float32)),
                  rewards=rewards, won=won, num_turns=num_turns, invalid=invalid,
-                 group_ids=group_ids, row_valid=row_valid)
+                 group_ids=group_ids, row_valid=row_valid, turn_rewards=turn_rewards,
+                 anchors=anchors, turns=kk)
 
 
 def _finish(tokens, valid, gen, turn_ids, logp, *, rewards, won, num_turns, invalid,
-            group_ids, row_valid) -> Trajectory:
+            group_ids, row_valid, turn_rewards, anchors, turns) -> Trajectory:
   b = tokens.shape[0]
+  per_turn = lambda x, fill, dtype: (jnp.full((b, turns), fill, dtype) if x is None  # noqa: E731
+                                     else jnp.asarray(x, dtype).T)
   return Trajectory(
       tokens=tokens.astype(jnp.int32), valid=valid, gen_mask=gen,
       turn_ids=jnp.where(gen, turn_ids, -1), behaviour_logp=jnp.where(gen, logp, 0.0),
@@ -141,7 +151,9 @@ def _finish(tokens, valid, gen, turn_ids, logp, *, rewards, won, num_turns, inva
       num_turns=jnp.asarray(num_turns, jnp.int32), invalid=jnp.asarray(invalid, jnp.int32),
       group_ids=(jnp.arange(b, dtype=jnp.int32) if group_ids is None
                  else jnp.asarray(group_ids, jnp.int32)),
-      row_valid=jnp.ones((b,), bool) if row_valid is None else jnp.asarray(row_valid, bool))
+      row_valid=jnp.ones((b,), bool) if row_valid is None else jnp.asarray(row_valid, bool),
+      turn_rewards=per_turn(turn_rewards, 0.0, jnp.float32),
+      anchors=per_turn(anchors, -1, jnp.int32))
 
 
 def summarize(traj: Trajectory) -> dict[str, jax.Array]:

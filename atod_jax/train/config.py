@@ -1,31 +1,28 @@
-"""Start-up validation of a trainer config and what the methods mean.
+"""Start-up validation of a trainer config.
 
-A config is a plain ``ml_collections.ConfigDict`` (see ``configs/quickstart.py`` for every
-field). :func:`validate` checks it before anything is built and raises
-:class:`ConfigError` with one line naming the field and what is allowed.
+A config is a plain ``ml_collections.ConfigDict``; :mod:`atod_jax.train.defaults` builds
+every field with its default and documents it, and ``configs/*.py`` change what they
+need. :func:`validate` checks a config before anything is built and raises
+:class:`ConfigError` with one line naming the field and what is allowed. What a method
+means lives in :mod:`atod_jax.train.methods`, what an environment needs in
+:mod:`atod_jax.envs.registry`: both are read from there.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import jax
 import ml_collections
 
-from atod_jax.envs.household import HouseholdParams
+from atod_jax.envs import registry
 from atod_jax.models.config import ModelConfig
-from atod_jax.objectives import ESTIMATORS, MODES, SHAPES, AGGREGATIONS
-from atod_jax.objectives.schedules import annealing_schedules
+from atod_jax.objectives import AGGREGATIONS, ESTIMATORS, MODES, SHAPES
 from atod_jax.rollout.host import LAYOUTS
+from atod_jax.train.methods import METHODS
 
-# method -> (kappa/rho schedule override, T-DUR mode override); None: take the config's
-METHODS = ("atod", "opd", "grpo", "sft", "atod_fixed", "atod_uniform")
 STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
 TEACHER_SOURCES = ("build", "hf", "checkpoint")
-ENV_KINDS = ("household", "alfworld", "webshop", "searchqa", "textworld", "scienceworld")
-TEXT_EXTRAS = {"alfworld": ("alfworld", "alfworld"), "webshop": ("rapidfuzz", "webshop"),
-               "searchqa": ("bm25s", "search"), "textworld": ("textworld", "textworld"),
-               "scienceworld": ("scienceworld", "scienceworld")}
-PRESETS = ("easy", "medium", "hard")
 
 
 class ConfigError(ValueError):
@@ -38,22 +35,21 @@ def _need(ok: bool, field: str, message: str):
 
 
 def _choice(config, field: str, allowed):
-  value = config
-  for part in field.split("."):
-    value = value[part]
+  value = _get(config, field)
   _need(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def _positive(config, field: str, *, zero_ok: bool = False):
-  value = config
-  for part in field.split("."):
-    value = value[part]
+  value = _get(config, field)
   ok = isinstance(value, (int, float)) and (value >= 0 if zero_ok else value > 0)
   _need(ok, field, f"must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
-def model_config(fields) -> ModelConfig:
-  return ModelConfig(**dict(fields))
+def _get(config, field: str):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  return value
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -61,31 +57,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for section in ("env", "student", "teacher", "rollout", "objective", "optim", "train",
                   "eval", "mesh"):
     _need(section in config, section, "missing section")
-  _choice(config, "method", METHODS)
-  _choice(config, "env.kind", ENV_KINDS)
-  household = config.env.kind == "household"
-  if household:
-    _choice(config, "env.preset", PRESETS)
+  _choice(config, "method", tuple(METHODS))
+  _choice(config, "env.kind", tuple(registry.ENVS))
+  _validate_numbers(config)
+  _validate_objective(config)
+  if registry.get(config.env.kind).device is not None:
+    _validate_device_env(config)
   else:
     _validate_text_env(config)
-  if config.env.get("layout", "context") == "context":  # windowed: observations sit in
-    _positive(config, "env.obs_len")  # each turn's prompt
+  _validate_models(config)
+  _validate_mesh(config)
+
+
+def _validate_numbers(config) -> None:
   _positive(config, "train.steps", zero_ok=True)
   for f in ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "rollout.tasks_per_step", "rollout.group_size", "optim.learning_rate",
-            "optim.minibatches", "optim.epochs", "eval.episodes"):
+            "optim.minibatches", "optim.epochs", "eval.episodes", "rollout.temperature"):
     _positive(config, f)
-  _positive(config, "rollout.temperature")
-  _positive(config, "eval.temperature", zero_ok=True)
-  _positive(config, "optim.max_grad_norm", zero_ok=True)
-  _positive(config, "optim.weight_decay", zero_ok=True)
-  _positive(config, "optim.warmup_steps", zero_ok=True)
-  _choice(config, "objective.estimator", ESTIMATORS)
-  _choice(config, "objective.tdur_mode", MODES)
-  _choice(config, "objective.schedule", SHAPES)
-  _choice(config, "objective.aggregation", AGGREGATIONS)
-  _positive(config, "objective.anneal_steps", zero_ok=True)
-  _positive(config, "objective.clip_eps")
+  for f in ("eval.temperature", "optim.max_grad_norm", "optim.weight_decay",
+            "optim.warmup_steps"):
+    _positive(config, f, zero_ok=True)
+  if "invalid_penalty" in config.env:
+    _positive(config, "env.invalid_penalty", zero_ok=True)
   rows = config.rollout.tasks_per_step * config.rollout.group_size
   _need(rows % config.optim.minibatches == 0, "optim.minibatches",
         f"must divide the {rows} trajectories of a step (tasks_per_step x group_size)")
@@ -95,19 +89,50 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(size % config.optim.microbatches == 0, "optim.microbatches",
           f"must divide the {size} trajectories of a mini-batch (gradient accumulation "
           f"slices), got {config.optim.microbatches}")
-  if config.method in ("grpo", "atod", "atod_fixed", "atod_uniform"):
+
+
+def _validate_objective(config) -> None:
+  _choice(config, "objective.estimator", ESTIMATORS)
+  _choice(config, "objective.tdur_mode", MODES)
+  _choice(config, "objective.schedule", SHAPES)
+  _choice(config, "objective.aggregation", AGGREGATIONS)
+  _positive(config, "objective.clip_eps")
+  # kappa and rho weigh the two terms: a negative one flips the sign of its term
+  for f in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max", "clip_eps_high",
+            "dual_clip"):
+    _positive(config, f"objective.{f}", zero_ok=True)
+  if config.objective.dual_clip:
+    _need(config.objective.dual_clip > 1.0, "objective.dual_clip",
+          f"must be 0 (off) or > 1, got {config.objective.dual_clip!r}")
+  if METHODS[config.method].needs_groups:
     _need(config.rollout.group_size >= 2, "rollout.group_size",
           f"must be >= 2 for method {config.method!r} (group advantages need a group), "
           f"got {config.rollout.group_size}")
-  for f in ("teacher.build.expert_noise", "student.sft.expert_noise"):
-    sec, sub, leaf = f.split(".")
-    v = config[sec][sub][leaf]
-    _need(0.0 <= v < 1.0, f, f"must be in [0, 1), got {v!r}")
-  for f in ("grpo_steps", "grpo_learning_rate"):
-    if f in config.teacher.build:
-      _positive(config, f"teacher.build.{f}", zero_ok=True)
+
+
+def _validate_device_env(config) -> None:
+  _positive(config, "env.obs_len")
+  try:
+    registry.resolve(registry.get(config.env.kind).device)(config.env)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f"config.env: {e}".splitlines()[0]) from None
+
+
+def _validate_models(config) -> None:
   _choice(config, "student.init", STUDENT_INITS)
   _choice(config, "teacher.source", TEACHER_SOURCES)
+  if config.teacher.source == "build":
+    _need("build" in config.teacher, "teacher.build", "missing (teacher.source='build')")
+    for f in ("demo_episodes", "sft_steps", "batch_size", "learning_rate"):
+      _positive(config, f"teacher.build.{f}")
+    for f in ("grpo_steps", "grpo_learning_rate"):
+      if f in config.teacher.build:
+        _positive(config, f"teacher.build.{f}", zero_ok=True)
+    _fraction(config, "teacher.build.expert_noise")
+  if config.student.init == "sft" or config.method == "sft":
+    _need("sft" in config.student, "student.sft",
+          f"missing (student.init={config.student.init!r}, method={config.method!r})")
+    _fraction(config, "student.sft.expert_noise")
   for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
     if kind in ("hf", "checkpoint"):
       path = config[who].path
@@ -118,26 +143,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
       for field in config[who].model:
         _need(field in known, f"{who}.model.{field}",
               f"not a model field (allowed: {', '.join(sorted(known))})")
-  for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
-    if kind in ("hf", "checkpoint"):
+      continue
+    if kind == "checkpoint":
       continue  # the shape comes from the directory
     try:
-      cfg = model_config(config[who].model)
+      cfg = ModelConfig(**config[who].model)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config.{who}.model: {e}") from None
-    if household:
-      _need(cfg.vocab_size >= 89, f"{who}.model.vocab_size",
-            f"the household vocabulary has 89 words; got {cfg.vocab_size}")
-    elif config.env.tokenizer == "build":
-      _need(cfg.vocab_size >= config.env.vocab_size, f"{who}.model.vocab_size",
-            f"must hold the env.vocab_size={config.env.vocab_size} tokens of the built "
-            f"tokenizer; got {cfg.vocab_size}")
-  if household:
-    try:
-      HouseholdParams.preset(config.env.preset)
-    except ValueError as e:
-      raise ConfigError(f"config.env.preset: {e}") from None
-  _need(config.mesh.data == -1 or config.mesh.data > 0, "mesh.data", "must be -1 or > 0")
+    _validate_vocab(config, who, cfg)
+
+
+def _validate_vocab(config, who: str, cfg: ModelConfig) -> None:
+  entry = registry.get(config.env.kind)
+  if entry.device is not None:
+    words = registry.resolve(entry.device)(config.env).vocab_size
+    _need(cfg.vocab_size >= words, f"{who}.model.vocab_size",
+          f"the {config.env.kind} vocabulary has {words} words; got {cfg.vocab_size}")
+  elif config.env.tokenizer == "build":
+    _need(cfg.vocab_size >= config.env.vocab_size, f"{who}.model.vocab_size",
+          f"must hold the env.vocab_size={config.env.vocab_size} tokens of the built "
+          f"tokenizer; got {cfg.vocab_size}")
+
+
+def _validate_mesh(config) -> None:
+  m = config.mesh
+  _need(m.data == -1 or (isinstance(m.data, int) and m.data > 0), "mesh.data",
+        f"must be -1 (all devices left) or > 0, got {m.data!r}")
+  _positive(config, "mesh.fsdp")
+  _positive(config, "mesh.tensor")
+  n = jax.device_count()
+  model_axes = m.fsdp * m.tensor
+  if m.data == -1:
+    _need(n % model_axes == 0, "mesh",
+          f"fsdp x tensor = {model_axes} must divide the {n} devices present")
+  else:
+    _need(m.data * model_axes == n, "mesh",
+          f"data x fsdp x tensor = {m.data * model_axes} must equal the {n} devices present "
+          f"({jax.default_backend()}); use data=-1 for all that are left")
+
+
+def _fraction(config, field: str) -> None:
+  v = _get(config, field)
+  _need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, field, f"must be in [0, 1), got {v!r}")
 
 
 def _validate_text_env(config) -> None:
@@ -166,24 +213,6 @@ def _validate_text_env(config) -> None:
     path = os.path.expanduser(e.tokenizer)
     _need(os.path.isfile(os.path.join(path, "tokenizer.json")), "env.tokenizer",
           f"'build', 'student' or a directory with tokenizer.json; {e.tokenizer!r} has none")
-  module, extra = TEXT_EXTRAS[e.kind]
-  try:
-    __import__(module)
-  except ImportError:
-    raise ConfigError(f"config.env.kind: {e.kind!r} needs the {extra!r} extra "
-                      f"(pip install -e \".[{extra}]\")") from None
-
-
-def schedules(config):
-  """kappa(s), rho(s) and the T-DUR mode that ``config.method`` trains with."""
-  o = config.objective
-  method = config.method
-  if method == "opd":
-    return annealing_schedules(0, 1.0, 1.0, 0.0, 0.0, "constant"), o.tdur_mode
-  if method == "grpo":
-    return annealing_schedules(0, 0.0, 0.0, 1.0, 1.0, "constant"), o.tdur_mode
-  if method == "atod_fixed":
-    return annealing_schedules(0, 1.0, 1.0, 1.0, 1.0, "constant"), o.tdur_mode
-  sched = annealing_schedules(o.anneal_steps, o.kappa_init, o.kappa_min, o.rho_init, o.rho_max,
-                              o.schedule)
-  return sched, ("uniform" if method == "atod_uniform" else o.tdur_mode)
+  extra = registry.missing_extra(e.kind)
+  _need(extra is None, "env.kind", f"{e.kind!r} needs the {extra!r} extra "
+        f"(pip install -e \".[{extra}]\")")

@@ -1,19 +1,27 @@
 """The outer training loop: ``train(config, workdir)``.
 
-Per step ``s``: draw tasks, roll out ``group_size`` episodes per task with the student,
-score the generated tokens with the frozen teacher, compute the ATOD advantages with
-kappa(s) / rho(s), apply the clipped-surrogate update; evaluate and checkpoint on their
-schedules. Every random draw comes from ``(seed, purpose, step)``, and the state
-(parameters, optimizer, step) is checkpointed with orbax, so a run that is killed and
-started again with the same command continues exactly as if it had never stopped.
+Read top to bottom, a run is: validate the config; build the mesh and the task source;
+get the teacher (load it, or build it once and cache it) and its evaluation;
+:func:`restore_or_init` the student's train state (from the newest checkpoint that
+restores, else from its initialisation), placed on the mesh; then per step
+:func:`run_step` (roll out, score, advantages, update) and :func:`evaluate_and_save` on
+their schedules; then :func:`finish_run` (table, plot, summary, exports).
+
+Every random draw comes from ``(seed, stream, step)`` (:mod:`atod_jax.train.streams`)
+and the state (parameters, optimizer, step) is checkpointed with orbax, so a run that is
+killed and started again with the same command continues exactly as if it had never
+stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,43 +32,38 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from atod_jax.models.hf import save_pretrained
-from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
+from atod_jax.models import checkpoint as model_io
+from atod_jax.models.config import ModelConfig
+from atod_jax.models.sharding import leaf_shardings, make_mesh, shard_batch
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
-from atod_jax.train import agents, logs
-from atod_jax.train.config import model_config, schedules, validate
-from atod_jax.train.steps import (
-    TrainState, advantages, init_state, jit_policy_update, jit_score, jit_sft_update, make_optimizer)
-from atod_jax.train.tasks import make_tasks
-from atod_jax.train.teacher import behaviour_clone, get_teacher, teacher_eval
+from atod_jax.train import evaluation, logs, methods
+from atod_jax.train.config import validate
+from atod_jax.train.sources import TaskSource, make_source
+from atod_jax.train.steps import TrainState, init_state, make_optimizer
+from atod_jax.train.streams import Stream, key
+from atod_jax.train.teacher import behaviour_clone, get_teacher
 
 
 class TrainingDiverged(RuntimeError):
   """The loss or the parameters became non-finite."""
 
 
-def _student(config, tasks, say):
-  s = config.student
-  if s.init in ("hf", "checkpoint"):
-    graphdef, params, cfg = agents.load_any(s.init, s.path, s.model.to_dict())
-    say(f"student: loaded from {s.path}")
-    return graphdef, params, cfg
-  cfg = model_config(s.model)
-  graphdef, params = agents.fresh_model(cfg, config.seed, 1)
-  if s.init == "sft":
-    params = behaviour_clone(graphdef, params, tasks, episodes=s.sft.demo_episodes,
-                             steps=s.sft.steps, batch_size=s.sft.batch_size,
-                             learning_rate=s.sft.learning_rate, seed=config.seed + 10_000,
-                             desc="student warm start", noise=s.sft.expert_noise)
-  return graphdef, params, cfg
+@dataclasses.dataclass
+class Run:
+  """What the steps of a run share (built once by :func:`train`)."""
 
-
-def _student_model_config(config):
-  if config.student.init in ("hf", "checkpoint"):
-    return agents.config_of(config.student.init, config.student.path,
-                            config.student.model.to_dict())
-  return model_config(config.student.model)
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  source: TaskSource
+  say: Any
+  teacher: tuple | None = None  # (graphdef, params) on the mesh
+  teacher_metrics: dict | None = None
+  graphdef: Any = None  # the student's
+  model_cfg: ModelConfig | None = None
+  update: methods.Update | None = None
+  demos: Any = None  # the sft method's expert episodes
 
 
 class _Interrupt:
@@ -101,165 +104,237 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     f.write(config.to_json_best_effort(indent=1))
   m = config.mesh
   mesh = make_mesh(m.data, m.fsdp, m.tensor)
-  tasks = make_tasks(config, workdir, mesh, say)
+  source = make_source(config, workdir, mesh, say)
   try:
-    return _train(config, workdir, say, quiet, mesh, tasks)
+    return _train(Run(config, workdir, mesh, source, say), quiet)
   finally:
-    tasks.close()
+    source.close()
 
 
-def _train(config, workdir, say, quiet, mesh, tasks) -> dict:
-  t_graph, t_params, _, t_info = get_teacher(config, tasks, workdir, say)
-  teacher_metrics = teacher_eval(config, t_graph, t_params, tasks, t_info, workdir)
-  say(f"teacher: held-out success {teacher_metrics['eval/success']:.3f} "
-      f"(T={config.eval.temperature})")
-
+def _train(run: Run, quiet: bool) -> dict:
+  config = run.config
+  prepare_teacher(run)
   tx = make_optimizer(config.optim)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.path.join(run.workdir, "checkpoints")
+  state, resumed = restore_or_init(run, tx, ckpt_dir)
+  run.update = methods.make_update(config, config.method, run.graphdef,
+                                   max_turns=run.source.max_turns, tx=tx)
+  if run.update.method.update == "supervised":
+    run.demos = pack(run.source.expert_demos(key(config.seed, Stream.SFT_DEMOS),
+                                             4 * _rows(config), config.student.sft.expert_noise))
+  log = logs.MetricsLog(run.workdir, resumed)
+  if resumed is None:
+    log.write("eval", 0, evaluation.evaluate(config.eval, run.graphdef, state.params, run.source))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
-  latest = manager.latest_step()
-  s_model_cfg = _student_model_config(config)
-  if latest is None:
-    graphdef, params, _ = _student(config, tasks, say)
-    state = init_state(params, tx)
-  else:  # the structure from the config, the values from the checkpoint
-    graphdef, params = agents.fresh_model(s_model_cfg, config.seed, 1)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, init_state(params, tx))
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    say(f"resuming from the checkpoint at step {latest} in {ckpt_dir}")
-  # Place the state on the mesh: parameters by the logical-axis rules, the rest alike.
-  # The optimizer's copies of the parameter tree (moments) follow the parameters;
-  # everything else in its state (counts) is replicated.
-  p_shard = state_shardings(state.params, mesh)
-  like_params = jax.tree.unflatten(jax.tree.structure(state.params), jax.tree.leaves(p_shard))
-  o_shard = optax.tree_utils.tree_map_params(
-      tx, lambda _, sh: sh, state.opt_state, like_params,
-      transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
-  state = TrainState(jax.device_put(state.params, p_shard),
-                     jax.device_put(state.opt_state, o_shard),
-                     jax.device_put(state.step, NamedSharding(mesh, PartitionSpec())))
-  t_params = jax.device_put(t_params, state_shardings(t_params, mesh))
-  log = logs.MetricsLog(workdir, latest)
-  start_step = int(state.step)
-  if start_step == 0:
-    log.write("eval", 0, agents.evaluate_protocol(config.eval, graphdef, state.params, tasks))
-
-  r, o, opt = config.rollout, config.objective, config.optim
-  sched, tdur_mode = schedules(config)
-  rows = r.tasks_per_step * r.group_size
-  micro = opt.get("microbatches", 1)
-  sampling = SamplingParams(temperature=r.temperature)
-  adv_fn = jax.jit(functools.partial(
-      advantages, sched=sched, tdur_mode=tdur_mode, estimator=o.estimator,
-      num_groups=r.tasks_per_step, max_turns=tasks.max_turns))
-  demos = None
-  if config.method == "sft":
-    demos = pack(tasks.expert_demos(config.seed + 20_000, 4 * rows,
-                                    config.student.sft.expert_noise))
-  steps = config.train.steps
-  bar = tqdm(total=steps, initial=start_step, desc=config.method, unit="step",
-             dynamic_ncols=True, disable=quiet)
-  interrupted = False
-  last_saved = latest
-
-  def save(step):
-    nonlocal last_saved
-    if last_saved != step:
-      manager.save(step, args=ocp.args.StandardSave(state))
-      last_saved = step
-
   try:
-    with _Interrupt() as stop:
-      for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        traj = tasks.train_batch(graphdef, state.params, step, sampling)
-        metrics = dict(summarize(traj), generated_tokens=traj.num_tokens)
-        traj = shard_batch(trim(pack(traj)), mesh)  # the layout's padding dropped: same
-        # math, shorter rows
-        shuffle = agents.draw(config.seed, agents.SHUFFLE, step)
-        if config.method == "sft":
-          idx = jax.random.choice(shuffle, demos.tokens.shape[0], (rows,), replace=False)
-          batch = shard_batch(trim(jax.tree.map(lambda x: x[idx], demos)), mesh)
-          state, upd = jit_sft_update(graphdef, tx, state, batch, shuffle,
-                                      minibatches=opt.minibatches, epochs=opt.epochs,
-                                      microbatches=micro)
-        else:
-          t_logp = jit_score(t_graph, t_params, traj, temperature=1.0,
-                             chunks=opt.minibatches * micro)
-          adv, adv_metrics = adv_fn(traj, t_logp, state.step)
-          if step == config.debug.nan_at_step:
-            adv = adv * jnp.nan
-          state, upd = jit_policy_update(
-              graphdef, tx, state, traj, adv, shuffle, minibatches=opt.minibatches,
-              epochs=opt.epochs, clip_eps=o.clip_eps, clip_eps_high=o.clip_eps_high,
-              dual_clip=o.dual_clip, aggregation=o.aggregation, temperature=r.temperature,
-              microbatches=micro)
-          metrics.update(adv_metrics)
-        metrics.update(upd)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer
-        # finite loss and gradients (before clipping) mean finite updated parameters
-        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-          raise TrainingDiverged(
-              f"training diverged at step {step}: loss is {metrics['loss']}; the last good "
-              f"checkpoint (step {last_saved}) in {ckpt_dir} is intact")
-        seconds = time.perf_counter() - t0
-        metrics["tokens_per_s"] = metrics.pop("generated_tokens") / seconds
-        metrics["step_seconds"] = seconds
-        log.write("train", step, metrics)
-        done = step + 1
-        if done % config.train.eval_every == 0 or done == steps:
-          result = agents.evaluate_protocol(config.eval, graphdef, state.params, tasks)
-          best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"),
-                     default=-1.0)
-          log.write("eval", done, result)
-          if result["eval/success"] >= best:  # the paper reports the best validation
-            agents.save_model(os.path.join(workdir, "student_best"), graphdef,
-                              jax.device_get(state.params), s_model_cfg,
-                              {"step": done, **result})
-        if done % config.train.checkpoint_every == 0 or done == steps:
-          save(done)
-        bar.update(1)
-        bar.set_postfix(success=f"{metrics['success']:.2f}",
-                        kappa=f"{metrics.get('kappa', 0):.2f}", rho=f"{metrics.get('rho', 0):.2f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if stop.hit and done < steps:
-          save(done)
-          interrupted = True
-          break
+    state, interrupted = _steps(run, state, log, manager, resumed, quiet)
   finally:
-    bar.close()
     manager.wait_until_finished()
     manager.close()
     log.flush()
   if interrupted:
     log.close()
-    say(f"interrupted: saved the checkpoint at step {int(state.step)}; run the same command "
-        "again to resume")
+    run.say(f"interrupted: saved the checkpoint at step {int(state.step)}; run the same "
+            "command again to resume")
     return {"interrupted": True, "step": int(state.step)}
+  return finish_run(run, state, log)
 
-  title = f"{config.method} on {tasks.name}, seed {config.seed}"
+
+def _rows(config) -> int:
+  return config.rollout.tasks_per_step * config.rollout.group_size
+
+
+def prepare_teacher(run: Run) -> None:
+  """The teacher on the mesh and its evaluation (the method may not use it; the table
+  always compares with it)."""
+  graphdef, params, _, info = get_teacher(run.config, run.source, run.workdir, run.mesh,
+                                          run.say)
+  params = jax.device_put(params, leaf_shardings(params, run.mesh))
+  run.teacher = (graphdef, params)
+  run.teacher_metrics = evaluation.teacher_metrics(run.config, graphdef, params, run.source,
+                                                   info, run.workdir)
+  run.say(f"teacher: held-out success {run.teacher_metrics['eval/success']:.3f} "
+          f"(T={run.config.eval.temperature})")
+
+
+def _state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:
+  """Parameters by the logical-axis rules; the optimizer's copies of the parameter tree
+  (moments) like the parameters; everything else (counts, the step) replicated."""
+  p_shard = leaf_shardings(state_shapes.params, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  o_shard = optax.tree_utils.tree_map_params(
+      tx, lambda _, sh: sh, state_shapes.opt_state, p_shard,
+      transform_non_params=lambda _: replicated)
+  return TrainState(p_shard, o_shard, replicated)
+
+
+def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None]:
+  """The student's train state on the mesh and the step it was restored from (None: a
+  new run). The structure comes from the config alone (``nnx.eval_shape``: no parameter
+  is computed to be thrown away); the values from the newest checkpoint that restores
+  (one that does not, e.g. cut short on disk, is moved aside with a warning and the
+  next older one is tried), else from :func:`student_params`."""
+  s = run.config.student
+  if s.init in model_io.SOURCES:
+    run.model_cfg = model_io.config_of(s.init, s.path, s.model.to_dict())
+  else:
+    run.model_cfg = ModelConfig(**s.model)
+  run.graphdef, shapes = model_io.abstract(run.model_cfg)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+  shardings = _state_shardings(tx, abstract, run.mesh)
+  target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings)
+  restored = _restore_newest(ckpt_dir, target, run.say)
+  if restored is not None:
+    return restored
+  params = student_params(run)
+  return jax.device_put(init_state(params, tx), shardings), None
+
+
+def _restore_newest(ckpt_dir: str, target, say) -> tuple[TrainState, int] | None:
+  if not os.path.isdir(ckpt_dir):
+    return None
+  with ocp.CheckpointManager(ckpt_dir) as manager:
+    found = sorted(manager.all_steps(), reverse=True)
+  for step in found:
+    try:
+      with ocp.CheckpointManager(ckpt_dir) as manager:
+        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+      say(f"resuming from the checkpoint at step {step} in {ckpt_dir}")
+      return TrainState(*state), step
+    except Exception as e:  # noqa: BLE001  (any damage: orbax raises many kinds)
+      aside = os.path.join(os.path.dirname(ckpt_dir), "checkpoints_damaged", str(step))
+      if os.path.exists(aside):
+        shutil.rmtree(aside)
+      shutil.move(os.path.join(ckpt_dir, str(step)), aside)
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+      say(f"warning: the checkpoint at step {step} does not restore ({type(e).__name__}: "
+          f"{reason}); moved to {aside}, trying the one before")
+  return None
+
+
+def student_params(run: Run):
+  """The student's initial parameters, on the mesh: an HF directory or our checkpoint
+  (read straight onto their shards), or fresh (``student.init = "fresh"``), or fresh
+  then behaviour-cloned on expert episodes (``"sft"``)."""
+  config, s = run.config, run.config.student
+  if s.init in model_io.SOURCES:
+    _, params, _ = model_io.load(s.init, s.path, s.model.to_dict(), mesh=run.mesh)
+    run.say(f"student: loaded from {s.path}")
+    return params
+  _, params = model_io.fresh(run.model_cfg, key(config.seed, Stream.STUDENT_INIT))
+  if s.init == "sft":
+    params = behaviour_clone(config, run.graphdef, params, run.source, sft=s.sft,
+                             seed=config.seed, desc="student warm start",
+                             streams=(Stream.WARM_DEMOS, Stream.WARM_PICK, Stream.WARM_SHUFFLE))
+  return params
+
+
+def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
+  """One training step: the student's rollouts of this step's tasks, then the method's
+  update (on them, or on expert episodes for ``sft``). Returns the metrics on the host."""
+  config, r = run.config, run.config.rollout
+  t0 = time.perf_counter()
+  traj = run.source.train_batch(run.graphdef, state.params, key(config.seed, Stream.TASKS, step),
+                                key(config.seed, Stream.POLICY, step),
+                                SamplingParams(temperature=r.temperature), r.tasks_per_step,
+                                r.group_size)
+  metrics = dict(summarize(traj), generated_tokens=traj.num_tokens,
+                 invalid_penalty=config.env.get("invalid_penalty", 0.0) * jnp.mean(traj.invalid))
+  if run.demos is not None:  # supervised: a batch of the expert episodes
+    idx = jax.random.choice(key(config.seed, Stream.SFT_PICK, step), run.demos.tokens.shape[0],
+                            (_rows(config),), replace=False)
+    batch = trim(jax.tree.map(lambda x: x[idx], run.demos))
+  else:
+    batch = trim(pack(traj))  # the layout's padding dropped: same math, shorter rows
+  batch = shard_batch(batch, run.mesh)
+  if step == config.debug.nan_at_step:  # fault injection (tests): a NaN loss
+    batch = batch._replace(behaviour_logp=batch.behaviour_logp * jnp.nan)
+  state, upd = run.update(state, batch, key(config.seed, Stream.SHUFFLE, step), run.teacher)
+  metrics = {k: float(v) for k, v in jax.device_get({**metrics, **upd}).items()}
+  seconds = time.perf_counter() - t0
+  metrics["tokens_per_s"] = metrics.pop("generated_tokens") / seconds
+  metrics["step_seconds"] = seconds
+  return state, metrics
+
+
+def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: int) -> None:
+  """The held-out evaluation after step ``done``; the student is kept as
+  ``student_best/`` when it is the best so far (the paper reports the best)."""
+  result = evaluation.evaluate(run.config.eval, run.graphdef, state.params, run.source)
+  best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"), default=-1.0)
+  log.write("eval", done, result)
+  if result["eval/success"] >= best:
+    model_io.save(os.path.join(run.workdir, "student_best"), run.graphdef,
+                  jax.device_get(state.params), run.model_cfg, {"step": done, **result})
+
+
+def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, bool]:
+  """Steps from the restored one to ``train.steps``; checkpoints on schedule and on an
+  interrupt. Returns the state and whether the run was interrupted."""
+  t, steps = run.config.train, run.config.train.steps
+  start = int(state.step)
+  last_saved = resumed
+  bar = tqdm(total=steps, initial=start, desc=run.config.method, unit="step",
+             dynamic_ncols=True, disable=quiet)
   try:
-    logs.plot(log, teacher_metrics, os.path.join(workdir, "curves.png"), title)
+    with _Interrupt() as stop:
+      for step in range(start, steps):
+        state, metrics = run_step(run, state, step)
+        if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+          raise TrainingDiverged(
+              f"training diverged at step {step}: loss is {metrics['loss']}; the last good "
+              f"checkpoint (step {last_saved}) in {manager.directory} is intact")
+        log.write("train", step, metrics)
+        done = step + 1
+        if done % t.eval_every == 0 or done == steps:
+          evaluate_and_save(run, state, log, done)
+        interrupted = stop.hit and done < steps
+        if done % t.checkpoint_every == 0 or done == steps or interrupted:
+          if last_saved != done:
+            manager.save(done, args=ocp.args.StandardSave(state))
+            last_saved = done
+        bar.update(1)
+        bar.set_postfix(success=f"{metrics['success']:.2f}",
+                        kappa=f"{metrics.get('kappa', 0):.2f}",
+                        rho=f"{metrics.get('rho', 0):.2f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if interrupted:
+          return state, True
+  finally:
+    bar.close()
+  return state, False
+
+
+def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
+  """The curves, the results table, ``summary.json``, the final student (ours, and HF
+  when it came from an HF directory)."""
+  config, workdir = run.config, run.workdir
+  title = f"{config.method} on {run.source.name}, seed {config.seed}"
+  try:
+    logs.plot(log, run.teacher_metrics, os.path.join(workdir, "curves.png"), title)
   except ImportError:  # a dependency, but a broken install should not lose the results
-    say("matplotlib is not importable: no curves.png")
-  table = logs.results_table(log, teacher_metrics)
+    run.say("matplotlib is not importable: no curves.png")
+  table = logs.results_table(log, run.teacher_metrics)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"# {title}\n\n{table}\n")
   evals = [rec for rec in log.records if rec["kind"] == "eval"]
-  summary = {"method": config.method, "seed": config.seed, "steps": steps,
+  summary = {"method": config.method, "seed": config.seed, "steps": config.train.steps,
              "final": evals[-1], "best_success": max(e["eval/success"] for e in evals),
-             "step0": evals[0], "teacher": teacher_metrics}
+             "step0": evals[0], "teacher": run.teacher_metrics}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   log.close()
   final_params = jax.device_get(state.params)
-  agents.save_model(os.path.join(workdir, "student"), graphdef, final_params, s_model_cfg)
+  model_io.save(os.path.join(workdir, "student"), run.graphdef, final_params, run.model_cfg)
   if config.student.init == "hf":
     from flax import nnx
-    save_pretrained(nnx.merge(graphdef, final_params), os.path.join(workdir, "student_hf"),
+
+    from atod_jax.models.hf import save_pretrained
+    save_pretrained(nnx.merge(run.graphdef, final_params), os.path.join(workdir, "student_hf"),
                     tokenizer_dir=config.student.path)
-  say("\n" + table)
-  say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/, "
-      "student_best/")
+  run.say("\n" + table)
+  run.say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/, "
+          "student_best/")
   return summary

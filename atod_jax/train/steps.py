@@ -19,6 +19,33 @@ from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_ma
 from atod_jax.sampling.logprobs import token_logprobs
 
 
+class PolicyLoss(NamedTuple):
+  """The clipped surrogate's settings (static: hashable, one record instead of keywords)."""
+
+  clip_eps: float = 0.2
+  clip_eps_high: float = 0.0  # 0: = clip_eps
+  dual_clip: float = 0.0  # 0: off
+  aggregation: str = "seq_mean_token_mean"
+  temperature: float = 1.0  # the rollout's: log-probs are of the sampling distribution
+
+
+class Batches(NamedTuple):
+  """How one update walks its data (static)."""
+
+  minibatches: int = 1  # optimizer steps per epoch
+  epochs: int = 1
+  microbatches: int = 1  # gradient-accumulation slices of a mini-batch
+
+
+class AdvantageSpec(NamedTuple):
+  """What the per-token advantages are made of (static; see :func:`advantages`)."""
+
+  tdur_mode: str
+  estimator: str
+  num_groups: int
+  max_turns: int
+
+
 class TrainState(NamedTuple):
   params: Any  # nnx.State of the student
   opt_state: Any  # optax state
@@ -66,18 +93,17 @@ def score(graphdef, params, traj: Trajectory, temperature: float = 1.0,
   return jnp.where(traj.gen_mask, jax.lax.stop_gradient(logp), 0.0)
 
 
-def advantages(traj: Trajectory, teacher_logp: jax.Array, step, *, sched, tdur_mode: str,
-               estimator: str, num_groups: int, max_turns: int):
-  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics.
-  Everything per trajectory (T-DUR's weights, the token means) sees the whole row."""
+def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
+  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics:
+  ``kappa * w_k * (log pi_T - log pi_old) + rho * A_i``. Everything per trajectory
+  (T-DUR's weights, the token means) sees the whole row."""
   mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
   teacher_logp = flat(teacher_logp)
   dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
   weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
-                             mode=tdur_mode, max_turns=max_turns)
-  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, num_groups, estimator,
+                             mode=spec.tdur_mode, max_turns=spec.max_turns)
+  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
                                 valid=traj.row_valid)
-  kappa, rho = sched.kappa(step), sched.rho(step)
   adv = obj.atod_advantages(dlogp, weights, a_traj, mask, kappa, rho)
   tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
   return adv.reshape(traj.tokens.shape), {
@@ -109,20 +135,21 @@ def _grads(loss_fn, params, batch, microbatches: int):
   return (metrics.pop("loss"), metrics), grads
 
 
-def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, minibatches: int,
-                      epochs: int, microbatches: int = 1):
-  """``epochs`` passes over ``batch`` (a pytree of ``[B, ...]`` arrays) in
-  ``minibatches`` shuffled mini-batches (one optimizer step each, its gradient
-  accumulated over ``microbatches`` slices); returns the new state and mean metrics."""
+def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches):
+  """``walk.epochs`` passes over ``batch`` (a pytree of ``[B, ...]`` arrays) in
+  ``walk.minibatches`` shuffled mini-batches (one optimizer step each, its gradient
+  accumulated over ``walk.microbatches`` slices); returns the new state and mean
+  metrics."""
   rows = jax.tree.leaves(batch)[0].shape[0]
-  size = rows // minibatches
+  size = rows // walk.minibatches
   order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
-                           for e in range(epochs)]).reshape(epochs * minibatches, size)
+                           for e in range(walk.epochs)])
+  order = order.reshape(walk.epochs * walk.minibatches, size)
 
   def one(carry, idx):
     params, opt_state = carry
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
-    (loss, metrics), grads = _grads(loss_fn, params, mb, microbatches)
+    (loss, metrics), grads = _grads(loss_fn, params, mb, walk.microbatches)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -132,43 +159,37 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, minibatches: i
   return TrainState(params, opt_state, state.step + 1), jax.tree.map(jnp.mean, metrics)
 
 
-def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key, *,
-                  minibatches: int, epochs: int, clip_eps: float, clip_eps_high: float,
-                  dual_clip: float, aggregation: str, temperature: float,
-                  microbatches: int = 1):
+def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
+                  loss: PolicyLoss, walk: Batches):
   """One clipped-surrogate update (all mini-batches and epochs) on a rollout batch."""
   def loss_fn(params, mb):
     traj, adv = mb
-    logp = _logprobs(nnx.merge(graphdef, params), traj, temperature)
+    logp = _logprobs(nnx.merge(graphdef, params), traj, loss.temperature)
     return obj.clipped_policy_loss(flat(logp), flat(traj.behaviour_logp), flat(adv),
-                                   trained_mask(traj), clip_eps,
-                                   clip_eps_high=clip_eps_high or None,
-                                   dual_clip=dual_clip or None, aggregation=aggregation)
+                                   trained_mask(traj), loss.clip_eps,
+                                   clip_eps_high=loss.clip_eps_high or None,
+                                   dual_clip=loss.dual_clip or None,
+                                   aggregation=loss.aggregation)
 
-  return _minibatch_update(loss_fn, tx, state, (traj, adv), key, minibatches, epochs,
-                           microbatches)
+  return _minibatch_update(loss_fn, tx, state, (traj, adv), key, walk)
 
 
-def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, *, minibatches: int,
-               epochs: int = 1, microbatches: int = 1):
+def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Batches):
   """Behaviour cloning: maximise the log-likelihood of the generated (expert) tokens."""
   def loss_fn(params, traj):
     logp = _logprobs(nnx.merge(graphdef, params), traj)
     nll = -obj.aggregate_tokens(flat(logp), flat(traj.gen_mask), "seq_mean_token_mean")
     return nll, {}
 
-  return _minibatch_update(loss_fn, tx, state, traj, key, minibatches, epochs, microbatches)
+  return _minibatch_update(loss_fn, tx, state, traj, key, walk)
 
 
-# Jitted entry points: the model structure and the optimizer are static; the state is
-# donated (updated in place).
+# Jitted entry points: the model structure, the optimizer and the settings records are
+# static; the state is donated (updated in place).
 jit_policy_update = functools.partial(
-    jax.jit, static_argnums=(0, 1),
-    static_argnames=("minibatches", "epochs", "clip_eps", "clip_eps_high", "dual_clip",
-                     "aggregation", "temperature", "microbatches"),
-    donate_argnums=(2,))(policy_update)
+    jax.jit, static_argnums=(0, 1, 6, 7), donate_argnums=(2,))(policy_update)
 jit_sft_update = functools.partial(
-    jax.jit, static_argnums=(0, 1), static_argnames=("minibatches", "epochs", "microbatches"),
-    donate_argnums=(2,))(sft_update)
+    jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2,))(sft_update)
 jit_score = functools.partial(jax.jit, static_argnums=(0,),
                               static_argnames=("temperature", "chunks"))(score)
+jit_advantages = jax.jit(advantages, static_argnums=(4,))

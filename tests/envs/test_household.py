@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from atod_jax.envs import household as hh
-from atod_jax.envs.agent import act
 from atod_jax.envs.household_text import HouseholdTextEnv, task_key
 
 PRESETS = ("easy", "medium", "hard")
@@ -127,7 +126,11 @@ def test_admissible_commands_all_act_and_expert_is_admissible():
     assert not out.infos[0]["invalid"], cmd
 
 
-def test_bad_model_outputs_never_crash_and_are_penalised():
+def test_bad_model_outputs_never_crash_and_are_invalid_turns():
+  """Malformed answers parse to a reason, never an exception; the shared policy
+  (``envs.agent``) turns them and the env's own invalid commands into penalised turns."""
+  from atod_jax.envs.agent import invalid_turns, turn_rewards
+  from atod_jax.envs.prompts import extract_action
   env = HouseholdTextEnv(hh.HouseholdParams.preset("easy"), seed=0)
   outputs = [
       "",  # empty
@@ -140,16 +143,20 @@ def test_bad_model_outputs_never_crash_and_are_penalised():
       "<think>fine</think><action>Look</action>",  # well-formed
   ]
   env.reset("train", list(range(len(outputs))))
-  step = act(env, outputs, np.zeros(len(outputs), bool), format_penalty=-0.5)
-  ok = [p.ok for p in step.parsed]
+  parsed = [extract_action(o) for o in outputs]
   # the invalid UTF-8 one is well-formed around a garbled command: the env rejects it
-  assert ok == [False, False, True, False, False, False, False, True]
-  assert step.batch.observations[2] == "Nothing happens."
-  np.testing.assert_allclose(step.rewards, [-0.5] * 7 + [0.0])
-  for i in (0, 1, 3, 4, 5, 6):
-    assert step.batch.observations[i].startswith("Invalid response (")
-  assert "no <action>" in step.parsed[3].reason and "2 <action> tags" in step.parsed[4].reason
-  assert step.batch.observations[7].startswith("You are in the middle of a room")
+  assert [p.ok for p in parsed] == [False, False, True, False, False, False, False, True]
+  assert "no <action>" in parsed[3].reason and "2 <action> tags" in parsed[4].reason
+  batch = env.step([p.action if p.ok else "" for p in parsed])
+  assert batch.observations[2] == "Nothing happens."
+  assert batch.observations[7].startswith("You are in the middle of a room")
+  live = np.ones(len(outputs), bool)
+  live[0] = False  # a finished episode earns nothing, whatever it answered
+  flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos])
+  invalid = invalid_turns(live, np.array([not p.ok for p in parsed]), flagged)
+  assert invalid.tolist() == [False] + [True] * 6 + [False]
+  np.testing.assert_allclose(turn_rewards(batch.rewards, live, invalid, 0.5),
+                             [0.0] + [-0.5] * 6 + [0.0])
 
 
 def test_encode_action_roundtrip_and_unknown_words():

@@ -6,10 +6,11 @@ from flax import nnx
 
 from atod_jax.envs import household as hh
 from atod_jax.models import DecoderLM, ModelConfig
-from atod_jax.rollout import HouseholdRollout, pack, rollout, summarize, trim
+from atod_jax.rollout import DeviceRollout, pack, rollout, summarize, trim
 from atod_jax.sampling import SamplingParams, token_logprobs
 
-SPEC = HouseholdRollout(hh.HouseholdParams.preset("easy"), obs_len=24)
+SPEC = DeviceRollout(hh.HouseholdEnv(hh.HouseholdParams.preset("easy")), obs_len=24)
+PARAMS = SPEC.env.params
 CFG = ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                   head_dim=16, intermediate_size=64, qk_norm=True, dtype="float32")
 
@@ -26,17 +27,17 @@ def test_expert_rollout_wins_and_layout_reads_as_the_episode():
   tokens, valid, gen = (np.asarray(x[row]) for x in (traj.tokens, traj.valid, traj.gen_mask))
   turns = np.asarray(traj.turn_ids[row])
   # Replay the episode in Python with the same task: the layout holds its exact text.
-  state = hh.reset(SPEC.env, _keys(16)[row], "train")
-  expected = list(np.asarray(hh.observe(SPEC.env, state, hh.initial_event())))
+  state = hh.reset(PARAMS, _keys(16)[row], "train")
+  expected = list(np.asarray(hh.observe(PARAMS, state, hh.initial_event())))
   expected = [t for t in expected if t != hh.PAD]
   for k in range(int(traj.num_turns[row])):
     action = np.asarray(hh.expert_action(state))
     words = [t for t in action if t != hh.PAD]
     assert list(tokens[gen & (turns == k)]) == words + [hh.EOS]
     expected += words + [hh.EOS]
-    state, out = hh.step(SPEC.env, state, action)
+    state, out = hh.step(PARAMS, state, action)
     if not bool(state.done):
-      obs = np.asarray(hh.observe(SPEC.env, state, out.event))[:SPEC.obs_len]
+      obs = np.asarray(hh.observe(PARAMS, state, out.event))[:SPEC.obs_len]
       expected += [t for t in obs if t != hh.PAD]
   assert list(tokens[valid]) == expected
   assert not np.any(gen & ~valid) and np.all(turns[~gen] == -1)
@@ -72,12 +73,12 @@ def test_malformed_response_is_an_invalid_turn():
   tokens = jnp.array([[hh.WORD_ID["look"], hh.EOS] + [hh.PAD] * 7,
                       [hh.WORD_ID["look"]] * 9])
   valid = jnp.array([[True, True] + [False] * 7, [True] * 9])
-  cmd = np.asarray(_command(tokens, valid))
+  cmd = np.asarray(_command(SPEC.env, tokens, valid))
   assert list(cmd[0]) == [hh.WORD_ID["look"]] + [hh.PAD] * 7
   assert np.all(cmd[1] == hh.UNK)
-  state = hh.reset(SPEC.env, jax.random.key(0))
-  assert bool(hh.step(SPEC.env, state, jnp.asarray(cmd[1]))[1].invalid)
-  assert not bool(hh.step(SPEC.env, state, jnp.asarray(cmd[0]))[1].invalid)
+  state = hh.reset(PARAMS, jax.random.key(0))
+  assert bool(hh.step(PARAMS, state, jnp.asarray(cmd[1]))[1].invalid)
+  assert not bool(hh.step(PARAMS, state, jnp.asarray(cmd[0]))[1].invalid)
 
 
 def test_expert_noise_keeps_random_commands_in_context_but_not_imitated():

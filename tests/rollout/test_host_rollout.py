@@ -14,7 +14,8 @@ from atod_jax.data.demos import collect_expert_episodes
 from atod_jax.envs import household as hh
 from atod_jax.envs.household_text import HouseholdTextEnv
 from atod_jax.models import DecoderLM, ModelConfig
-from atod_jax.rollout.host import TextCodec, TextRollout, host_rollout, train_text_tokenizer
+from atod_jax.models.tokenizer import train_text_tokenizer
+from atod_jax.rollout.host import TextCodec, TextRollout, host_rollout
 from atod_jax.sampling.generate import SamplingParams
 from atod_jax.sampling.logprobs import token_logprobs
 

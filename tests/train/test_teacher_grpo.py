@@ -9,7 +9,7 @@ import pytest
 
 from atod_jax.models.sharding import make_mesh
 from atod_jax.train import teacher as tch
-from atod_jax.train.tasks import HouseholdTasks
+from atod_jax.train.sources.device import DeviceSource
 from tests.train import tiny_config
 
 
@@ -21,7 +21,7 @@ def test_grpo_phase_after_behaviour_cloning(tmp_path):
   config.teacher.model.update(hidden_size=64, head_dim=32, intermediate_size=192)
   config.teacher.build.update(demo_episodes=64, sft_steps=150, batch_size=32)
   config.rollout.update(tasks_per_step=4, group_size=4)
-  tasks = HouseholdTasks(config, make_mesh(-1, 1, 1))
+  tasks = DeviceSource(config, make_mesh(-1, 1, 1))
   g0, p0, _, info0 = tch.get_teacher(config, tasks, str(tmp_path / "bc"), say=lambda *a: None)
   assert info0["grpo_steps"] == 0 and info0["grpo_success"] == []
   config.teacher.build.grpo_steps = 2

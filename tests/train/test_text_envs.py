@@ -84,7 +84,7 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
 
   from atod_jax.models import DecoderLM, ModelConfig, load_pretrained, save_pretrained
   from atod_jax.envs.searchqa import default_data_dir
-  from atod_jax.rollout.host import train_text_tokenizer
+  from atod_jax.models.tokenizer import train_text_tokenizer
 
   hotpot = os.path.join(default_data_dir(), "searchqa", "hotpot_distractor",
                         "hotpot_dev_distractor_100.json")

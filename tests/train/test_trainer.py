@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from atod_jax.train import ConfigError, validate
-from atod_jax.train import agents
-from atod_jax.train.steps import init_state, jit_policy_update, make_optimizer
+from atod_jax.models import checkpoint as model_io
+from atod_jax.train import METHODS, ConfigError, validate
+from atod_jax.train.steps import Batches, PolicyLoss, init_state, jit_policy_update, make_optimizer
 
 from tests.train import tiny_config
 
@@ -50,7 +50,7 @@ def _records(workdir):
 
 
 def _student_params(workdir):
-  return jax.tree.leaves(agents.load_model(os.path.join(workdir, "student"))[1])
+  return jax.tree.leaves(model_io.load("checkpoint", os.path.join(workdir, "student"))[1])
 
 
 def _wait_for_train_records(proc, workdir, n, timeout=600):
@@ -156,6 +156,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(refer
     ("--config.rollout.group_size=1", "config.rollout.group_size"),
     ("--config.optim.minibatches=3", "config.optim.minibatches"),
     ("--config.objective.tdur_mode=entropy", "config.objective.tdur_mode"),
+    ("--config.mesh.data=3", "config.mesh"),  # 8 devices here
+    ("--config.mesh.fsdp=3", "config.mesh"),
+    ("--config.objective.kappa_min=-0.1", "config.objective.kappa_min"),
+    ("--config.objective.rho_max=-2.0", "config.objective.rho_max"),
+    ("--config.env.preset=extreme", "config.env"),
+    ("--config.env.invalid_penalty=-1.0", "config.env.invalid_penalty"),
 ])
 def test_bad_config_fails_in_one_line(override, field):
   config = tiny_config.get_config()
@@ -175,7 +181,120 @@ def test_bad_config_from_the_command_line(tmp_path):
   proc = _run(str(tmp_path / "w"), str(tmp_path / "t"), "--config.method=ppo", check=False)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
-      "error: config.method: got 'ppo'; allowed: atod, opd, grpo, sft, atod_fixed, atod_uniform")
+      f"error: config.method: got 'ppo'; allowed: {', '.join(METHODS)}")
+
+
+def test_a_mesh_that_does_not_match_the_devices_fails_at_start_up(tmp_path):
+  proc = _run(str(tmp_path / "w"), str(tmp_path / "t"), "--config.mesh.data=3", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.mesh: data x fsdp x tensor = 3 must equal the 1 devices")
+
+
+@trainer_group
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_uninterrupted(reference):
+  """The newest checkpoint's files cut to half their size (a crash mid-write, a full
+  disk): the resume warns in one line, moves it aside, restores the one before, and the
+  run ends with the records and parameters of the uninterrupted run."""
+  import shutil
+  root, teacher, ref, _ = reference
+  work = str(root / "damaged")
+  shutil.copytree(ref, work)
+  newest = os.path.join(work, "checkpoints", "6")
+  cut = 0
+  for dirpath, _, files in os.walk(newest):
+    for f in files:
+      path = os.path.join(dirpath, f)
+      size = os.path.getsize(path)
+      with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+      cut += 1
+  assert cut > 0
+  out = _run(work, teacher)
+  warning = [line for line in out.stdout.splitlines() if "does not restore" in line]
+  assert len(warning) == 1 and "checkpoint at step 6" in warning[0], out.stdout[-2000:]
+  assert "resuming from the checkpoint at step 5" in out.stdout
+  assert os.path.isdir(os.path.join(work, "checkpoints_damaged", "6"))
+  assert _records(work) == _records(ref)
+  for a, b in zip(_student_params(work), _student_params(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _hf_student(tmp_path, config):
+  """An HF directory holding a fresh student of ``config``'s shape."""
+  from flax import nnx
+  from atod_jax.models import ModelConfig, save_pretrained
+  cfg = ModelConfig(**config.student.model)
+  graphdef, params = model_io.fresh(cfg, jax.random.key(3))
+  path = str(tmp_path / "student_hf")
+  save_pretrained(nnx.merge(graphdef, params), path)
+  return path, params
+
+
+def test_hf_student_is_read_straight_onto_its_shards(tmp_path, monkeypatch):
+  """8 devices, (data 2, fsdp 2, tensor 2): the trainer's HF student load asks every
+  device for its own block of each sharded tensor only, and the result equals the
+  file."""
+  from atod_jax.models.sharding import make_mesh
+  from atod_jax.train import loop
+  config = tiny_config.get_config()
+  config.student.model = dict(config.student.model, hidden_size=64, head_dim=16, num_heads=4,
+                              num_kv_heads=2, intermediate_size=128)
+  path, params = _hf_student(tmp_path, config)
+  config.student.update(init="hf", path=path)
+  config.student.model = dict(dtype="float32")
+  requested = []
+  real = jax.make_array_from_callback
+
+  def spy(shape, sharding, callback, *a, **k):
+    def read(index):
+      block = callback(index)
+      requested.append((tuple(shape), sharding, block.shape))
+      return block
+    return real(shape, sharding, read, *a, **k)
+
+  monkeypatch.setattr(jax, "make_array_from_callback", spy)
+  run = loop.Run(config, str(tmp_path), make_mesh(2, 2, 2), source=None, say=lambda *a: None)
+  loaded = loop.student_params(run)
+  sharded = [(shape, block) for shape, sh, block in requested if not sh.is_fully_replicated]
+  assert len(sharded) >= 4  # embeddings, attention and MLP weights are split
+  assert all(block != shape and np.prod(block) < np.prod(shape) for shape, block in sharded)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    assert len(a.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_resuming_an_hf_student_builds_no_throwaway_parameters(tmp_path, monkeypatch):
+  """With a checkpoint present, the train state comes from the checkpoint alone: no
+  HF read, no random initialisation (both patched to fail), and it equals what was
+  saved."""
+  import orbax.checkpoint as ocp
+  from atod_jax.models import hf
+  from atod_jax.models.sharding import make_mesh
+  from atod_jax.train import loop
+  config = tiny_config.get_config()
+  path, params = _hf_student(tmp_path, config)
+  config.student.update(init="hf", path=path)
+  config.student.model = dict(dtype="float32")
+  tx = make_optimizer(config.optim)
+  saved = init_state(params, tx)._replace(step=jax.numpy.int32(4))
+  ckpt_dir = str(tmp_path / "checkpoints")
+  with ocp.CheckpointManager(ckpt_dir) as manager:
+    manager.save(4, args=ocp.args.StandardSave(saved))
+    manager.wait_until_finished()
+
+  def forbidden(*a, **k):
+    raise AssertionError("built parameters on resume")
+
+  for target, name in ((model_io, "fresh"), (model_io, "load"), (hf, "load_pretrained"),
+                       (loop, "student_params")):
+    monkeypatch.setattr(target, name, forbidden)
+  mesh = make_mesh(devices=jax.devices()[:1])
+  run = loop.Run(config, str(tmp_path), mesh, source=None, say=lambda *a: None)
+  state, step = loop.restore_or_init(run, tx, ckpt_dir)
+  assert step == 4 and int(state.step) == 4
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_grpo_group_size_one_is_refused_but_opd_allows_it():
@@ -189,14 +308,16 @@ def test_grpo_group_size_one_is_refused_but_opd_allows_it():
     validate(config)
 
 
-def _student_batch(config, spec):
+def _student_batch(config):
   """A fresh student and its packed, trimmed rollout batch of 4 tasks x 4 episodes."""
+  from atod_jax.models import ModelConfig
   from atod_jax.rollout import pack, trim
   from atod_jax.sampling import SamplingParams
-  from atod_jax.train.config import model_config
-  graphdef, params = agents.fresh_model(model_config(config.student.model), 0)
-  keys, groups = agents.task_keys(0, agents.TASKS, 0, 4, 4)
-  traj = trim(pack(agents.rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
+  from atod_jax.train.sources.device import DeviceSource, rollout_fn, task_keys
+  spec = DeviceSource(config).spec
+  graphdef, params = model_io.fresh(ModelConfig(**config.student.model), jax.random.key(0))
+  keys, groups = task_keys(jax.random.key(1), 4, 4)
+  traj = trim(pack(rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
       params, keys, jax.random.key(0), groups)))
   return graphdef, params, traj
 
@@ -205,36 +326,31 @@ def _copy(tree):
   return jax.tree.map(lambda x: np.array(x), tree)
 
 
-def _policy_update(graphdef, tx, params, traj, adv, *, epochs, **extra):
+def _policy_update(graphdef, tx, params, traj, adv, *, epochs, microbatches=1):
   """One clipped-surrogate update from fresh optimizer state, 2 mini-batches."""
   return jit_policy_update(graphdef, tx, init_state(params, tx), traj, adv, jax.random.key(5),
-                           minibatches=2, epochs=epochs, clip_eps=0.2, clip_eps_high=0.0,
-                           dual_clip=0.0, aggregation="seq_mean_token_mean", temperature=1.0,
-                           **extra)
+                           PolicyLoss(), Batches(2, epochs, microbatches))
 
 
 def test_sharded_update_equals_one_device():
-  """8 CPU devices (data 4 x fsdp 2): same loss and new parameters as one device."""
+  """8 CPU devices (data 4 x fsdp 2): the whole ATOD update (teacher scoring,
+  advantages, two epochs of the clipped surrogate) gives the loss and new parameters of
+  one device."""
+  from atod_jax.models import ModelConfig
   from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
-  from atod_jax.rollout import HouseholdRollout
-  from atod_jax.envs.household import HouseholdParams
-  from atod_jax.train.config import model_config, schedules
-  from atod_jax.train.steps import advantages, jit_score
-  import functools
+  from atod_jax.train.methods import make_update
   config = tiny_config.get_config()
-  spec = HouseholdRollout(HouseholdParams.preset("easy"), 24)
-  graphdef, params, traj = _student_batch(config, spec)
-  t_graph, t_params = agents.fresh_model(model_config(config.teacher.model), 1)
-  sched, mode = schedules(config)
-  adv, _ = jax.jit(functools.partial(advantages, sched=sched, tdur_mode=mode, estimator="grpo",
-                                     num_groups=4, max_turns=spec.max_turns))(
-      traj, jit_score(t_graph, t_params, traj), 0)
-  tx = make_optimizer(config.optim)
-  one, m1 = _policy_update(graphdef, tx, _copy(params), traj, adv, epochs=2)
+  config.optim.update(minibatches=2, epochs=2)
+  config.rollout.tasks_per_step = 4
+  graphdef, params, traj = _student_batch(config)
+  teacher = model_io.fresh(ModelConfig(**config.teacher.model), jax.random.key(1))
+  update = make_update(config, "atod", graphdef, max_turns=15)
+  one, m1 = update(update.init(_copy(params)), traj, jax.random.key(5), teacher)
   mesh = make_mesh(4, 2, 1)
   p8 = jax.device_put(_copy(params), state_shardings(params, mesh))
-  t8, a8 = shard_batch((traj, adv), mesh)
-  eight, m8 = _policy_update(graphdef, tx, p8, t8, a8, epochs=2)
+  t8 = jax.device_put(teacher[1], state_shardings(teacher[1], mesh))
+  eight, m8 = update(update.init(p8), shard_batch(traj, mesh), jax.random.key(5),
+                     (teacher[0], t8))
   assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
@@ -247,12 +363,9 @@ def test_gradient_accumulation_equals_the_whole_minibatch():
   """optim.microbatches: 4 slices of accumulated gradients give the update of the whole
   mini-batch (every row trained, row-mean loss); teacher scoring in 4 chunks gives the
   same scores."""
-  from atod_jax.rollout import HouseholdRollout
-  from atod_jax.envs.household import HouseholdParams
   from atod_jax.train.steps import jit_score
   config = tiny_config.get_config()
-  graphdef, params, traj = _student_batch(
-      config, HouseholdRollout(HouseholdParams.preset("easy"), 24))
+  graphdef, params, traj = _student_batch(config)
   assert bool(traj.gen_mask.any(axis=1).all())
   scores = jit_score(graphdef, params, traj)
   np.testing.assert_allclose(jit_score(graphdef, params, traj, chunks=4), scores, atol=1e-6)
@@ -273,7 +386,7 @@ def test_teacher_and_student_from_directories_and_hf_export(reference):
   from flax import nnx
   from atod_jax.models import load_pretrained, save_pretrained
   root, teacher, ref, _ = reference
-  graphdef, params, _ = agents.load_model(os.path.join(ref, "student"))
+  graphdef, params, _ = model_io.load("checkpoint", os.path.join(ref, "student"))
   hf_dir = str(root / "student_hf_in")
   save_pretrained(nnx.merge(graphdef, params), hf_dir)
   work = str(root / "from_dirs")
@@ -281,7 +394,7 @@ def test_teacher_and_student_from_directories_and_hf_export(reference):
        "--config.student.init=hf", f"--config.student.path={hf_dir}", "--config.train.steps=2",
        "--config.train.eval_every=2")
   exported = load_pretrained(os.path.join(work, "student_hf"), dtype="float32")
-  final = agents.load_model(os.path.join(work, "student"))[1]
+  final = model_io.load("checkpoint", os.path.join(work, "student"))[1]
   for a, b in zip(jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(final)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
@@ -299,7 +412,7 @@ def test_the_loop_runs_on_8_devices(tmp_path):
   config.teacher.cache_dir = str(tmp_path / "teacher")
   summary = train(config, str(tmp_path / "run"), quiet=True)
   assert summary["steps"] == 2 and 0.0 <= summary["final"]["eval/success"] <= 1.0
-  graphdef, params, _ = agents.load_model(str(tmp_path / "run" / "student"))
+  graphdef, params, _ = model_io.load("checkpoint", str(tmp_path / "run" / "student"))
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
@@ -342,8 +455,8 @@ def test_cache_fingerprints_survive_their_json_round_trip():
   """A built teacher / tokenizer / teacher evaluation is reused when the stored
   fingerprint equals the run's: with tuples in the config (textworld_tiny's splits) the
   JSON copy holds lists, which used to compare unequal and rebuilt them every run."""
-  from atod_jax.train.tasks import env_fingerprint
-  from atod_jax.train.teacher import _fingerprint
+  from atod_jax.train.sources.text import env_fingerprint
+  from atod_jax.train.teacher import fingerprint as _fingerprint
   config = tiny_config.get_config()
   config.env.splits = (0, 1, 2)
   for fp in (_fingerprint(config), env_fingerprint(config.env)):
@@ -355,12 +468,12 @@ def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
   up became one parameter is refused with a one-line reason (not an orbax tree error),
   and a built teacher's fingerprint carries the layout, so an old one is rebuilt."""
   from atod_jax.models import PARAMS_LAYOUT, ModelConfig
-  from atod_jax.train.teacher import _fingerprint
+  from atod_jax.train.teacher import fingerprint as _fingerprint
   cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=8, intermediate_size=24, dtype="float32")
-  graphdef, params = agents.fresh_model(cfg, 0)
-  agents.save_model(str(tmp_path), graphdef, params, cfg)
-  _, loaded, got_cfg = agents.load_model(str(tmp_path))
+  graphdef, params = model_io.fresh(cfg, jax.random.key(0))
+  model_io.save(str(tmp_path), graphdef, params, cfg)
+  _, loaded, got_cfg = model_io.load("checkpoint", str(tmp_path))
   assert got_cfg == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   with open(tmp_path / "model_config.json") as f:
@@ -370,6 +483,6 @@ def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
   with open(tmp_path / "model_config.json", "w") as f:
     json.dump(fields, f)
   with pytest.raises(ValueError, match="layout 1; this atod_jax reads layout") as e:
-    agents.load_model(str(tmp_path))
+    model_io.load("checkpoint", str(tmp_path))
   assert "\n" not in str(e.value)
   assert _fingerprint(tiny_config.get_config())["params_layout"] == PARAMS_LAYOUT

@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+from atod_jax.train import defaults as d
+
 _QS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.py")
 
 
@@ -10,9 +12,9 @@ def get_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.teacher.model = module.tiny_model(32, 2, 2, 64)
+  c.teacher.model = d.tiny_model(32, 2, 2, 64)
   c.teacher.build.update(demo_episodes=16, sft_steps=3, batch_size=8)
-  c.student.model = module.tiny_model(32, 1, 2, 64)
+  c.student.model = d.tiny_model(32, 1, 2, 64)
   c.student.sft.update(demo_episodes=8, steps=2, batch_size=8)
   c.rollout.update(tasks_per_step=2, group_size=4)
   c.optim.minibatches = 2

@@ -1,0 +1,149 @@
+"""Every field of a trainer config, with its default: the parts ``configs/*.py`` share.
+
+A config file builds on these and changes what it needs (big_vision's ``common``
+style)::
+
+    from atod_jax.train import defaults as d
+
+    def get_config():
+      c = d.base()
+      c.env = d.household_env("easy")
+      c.teacher = d.built_teacher(d.tiny_model(128, 3, 2, 384), demo_episodes=512)
+      c.student = d.warm_started_student(d.tiny_model(64, 2, 2, 192), steps=200)
+      return c
+
+Sections (validated at start-up by :func:`atod_jax.train.validate`): ``method``,
+``seed``; ``env``; ``teacher``; ``student``; ``rollout``; ``objective``; ``optim``;
+``train``; ``eval``; ``mesh``; ``debug``. ``teacher.build`` exists only for a built
+teacher, ``student.sft`` only for a warm-started student (or the ``sft`` method).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def tiny_model(hidden: int, layers: int, heads: int, ffn: int, vocab: int = 128) -> dict:
+  """A CPU-sized Qwen3-shaped model, f32. Few, wide heads: on a CPU the attention
+  scores' element-wise work, which grows with heads x length^2, costs more than the
+  matmuls at these sizes."""
+  return dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+              num_kv_heads=1, head_dim=hidden // heads, intermediate_size=ffn,
+              model_type="qwen3", qk_norm=True, rope_theta=10000.0, dtype="float32",
+              param_dtype="float32")
+
+
+def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
+  """Everything but ``env``, ``teacher`` and ``student``: the paper's objective (kappa
+  1 -> 0.1 and rho 1 -> 2 linearly over 80 steps, clip 0.2, the sequence-mean token-mean
+  loss), AdamW, a 100-step run evaluated every 10 steps on 256 held-out episodes at the
+  paper's validation temperature 0.4."""
+  c = ml_collections.ConfigDict()
+  c.seed = seed
+  c.method = method  # a name of atod_jax.train.methods.METHODS
+  c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
+  c.objective = dict(
+      estimator="grpo",  # group advantages: grpo | drgrpo | rloo | reinforce
+      tdur_mode="soft_or",  # T-DUR turn weights (objectives.MODES)
+      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape and length
+      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
+      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
+      aggregation="seq_mean_token_mean")
+  c.optim = dict(learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
+                 max_grad_norm=1.0,  # 0: no clipping
+                 minibatches=4, epochs=1,
+                 microbatches=1)  # gradient accumulation; also the teacher's scoring chunks
+  c.train = dict(steps=100, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
+  c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # data=-1: every device left
+  c.debug = dict(nan_at_step=-1)  # fault injection for the tests: NaN loss at this step
+  return c
+
+
+# verl-agent's invalid_action_penalty_coef in its scripts: an invalid turn earns -0.1
+INVALID_PENALTY = 0.1
+
+
+def household_env(preset: str = "easy", obs_len: int = 24) -> dict:
+  """The on-device household family (``easy`` / ``medium`` / ``hard``); ``obs_len``
+  words of each answer kept."""
+  return dict(kind="household", preset=preset, obs_len=obs_len,
+              invalid_penalty=INVALID_PENALTY)
+
+
+def text_env(kind: str, *, max_turns: int, train_split: str, eval_split: str,
+             prompt_len: int = 128, response_len: int = 16, obs_len: int = 48,
+             tokenizer: str = "build", vocab: int = 1024, options: dict | None = None,
+             **more) -> dict:
+  """A real environment through the worker pool. ``tokenizer``: ``build`` (a ``vocab``-
+  token BPE trained on expert episodes, cached beside the teacher), ``student`` (the HF
+  student's) or a directory. ``more``: ``layout`` (``context`` | ``window``),
+  ``history``, ``workers``, ``step_timeout``, ``eval_batch``, ..."""
+  return dict(dict(kind=kind, max_turns=max_turns, prompt_len=prompt_len,
+                   response_len=response_len, obs_len=obs_len, workers=2, step_timeout=120.0,
+                   train_split=train_split, eval_split=eval_split, eval_batch=16,
+                   tokenizer=tokenizer, vocab_size=vocab, tokenizer_episodes=32,
+                   invalid_penalty=INVALID_PENALTY, options=options or {}), **more)
+
+
+def built_teacher(model: dict, *, cache_dir: str = "", **build) -> dict:
+  """A teacher the run builds (behaviour cloning on expert episodes, then optionally
+  ``grpo_steps`` of GRPO on its own rollouts) and caches in ``cache_dir`` (default
+  ``<workdir>/teacher``)."""
+  defaults = dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
+                  expert_noise=0.3,  # share of random commands in the demos (DART)
+                  grpo_steps=0, grpo_learning_rate=5e-4)
+  return dict(source="build", path="", cache_dir=cache_dir, model=model,
+              build=dict(defaults, **build))
+
+
+def warm_started_student(model: dict, **sft) -> dict:
+  """A fresh student warm-started by a short behaviour cloning (``init="sft"``)."""
+  defaults = dict(demo_episodes=64, steps=200, batch_size=32, learning_rate=3e-3,
+                  expert_noise=0.3)
+  return dict(init="sft", path="", model=model, sft=dict(defaults, **sft))
+
+
+def teacher_from(kind: str = "hf", path: str = "", **model_fields) -> dict:
+  """A teacher read from an HF directory (``kind="hf"``) or our checkpoint
+  (``"checkpoint"``); ``model_fields`` override the directory's config (``dtype``,
+  ``remat``)."""
+  return dict(source=kind, path=path, cache_dir="", model=model_fields)
+
+
+def student_from(kind: str = "hf", path: str = "", **model_fields) -> dict:
+  """A student read from an HF directory or our checkpoint (as :func:`teacher_from`)."""
+  return dict(init=kind, path=path, model=model_fields)
+
+
+def tiny_text_run(kind: str, *, vocab: int = 1024, **env) -> ml_collections.ConfigDict:
+  """The CPU-sized settings of the ``*_tiny`` configs: ATOD on a real environment with
+  tiny models, a ``vocab``-token BPE tokenizer trained on expert episodes, a teacher
+  built by behaviour cloning, a warm-started student, 40 steps of 4 tasks x 4 rollouts.
+  ``env``: :func:`text_env`'s arguments."""
+  c = base("atod")
+  c.env = text_env(kind, vocab=vocab, **env)
+  c.teacher = built_teacher(tiny_model(128, 2, 2, 384, vocab=vocab), demo_episodes=64,
+                            sft_steps=100, batch_size=16, expert_noise=0.2)
+  c.student = warm_started_student(tiny_model(64, 2, 2, 192, vocab=vocab), demo_episodes=32,
+                                   steps=60, batch_size=16, expert_noise=0.2)
+  c.rollout.update(tasks_per_step=4, group_size=4)
+  c.objective.anneal_steps = 20
+  c.optim.update(warmup_steps=2, minibatches=2)
+  c.train.update(steps=40, eval_every=10, checkpoint_every=5)
+  c.eval.update(episodes=32, greedy=False)
+  return c
+
+
+def paper_run(env: dict) -> ml_collections.ConfigDict:
+  """The paper's hyperparameters with an HF student and teacher (paths to fill in):
+  150 steps, 8 tasks x 8 rollouts, learning rate 1e-6, kappa 1 -> 0.1 and rho 1 -> 2
+  over 80 steps, bf16 with per-layer remat, 8 gradient-accumulation slices per
+  mini-batch, evaluation every 10 steps without greedy runs."""
+  c = base("atod")
+  c.env = env
+  c.teacher = teacher_from("hf", dtype="bfloat16", remat=True)
+  c.student = student_from("hf", dtype="bfloat16", remat=True)
+  c.optim.update(learning_rate=1e-6, warmup_steps=0, weight_decay=0.01, microbatches=8)
+  c.train.update(steps=150, keep_checkpoints=2)
+  c.eval.update(episodes=140, greedy=False)
+  return c

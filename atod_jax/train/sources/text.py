@@ -1,0 +1,143 @@
+"""Episodes of a Python environment (ALFWorld, WebShop, Search-QA, TextWorld,
+ScienceWorld) in an :class:`~atod_jax.envs.pool.EnvPool` of worker processes, played by
+:func:`~atod_jax.rollout.host.host_rollout`. The tokenizer is the student's, a model
+directory's, or one trained on expert episodes and cached beside the built teacher."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atod_jax.envs import registry
+from atod_jax.models.sharding import state_shardings
+from atod_jax.models.tokenizer import Tokenizer, train_text_tokenizer
+from atod_jax.rollout.host import TextCodec, TextRollout, episode_text, host_rollout
+from atod_jax.rollout.trajectory import Trajectory, summarize
+from atod_jax.sampling.generate import SamplingParams
+from atod_jax.train.streams import Stream, key as stream_key, numpy_rng
+
+
+def env_fingerprint(env_config) -> dict:
+  """The env settings that shape episodes (not how many workers run them), as JSON
+  gives them back (tuples as lists), so a stored fingerprint compares equal."""
+  return json.loads(json.dumps({k: v for k, v in env_config.to_dict().items()
+                                if k not in ("workers", "step_timeout", "eval_batch")}))
+
+
+def tokenizer_dir(config, workdir: str) -> str:
+  """Where a built tokenizer lives: beside the built teacher it was made for."""
+  base = config.teacher.get("cache_dir") or os.path.join(workdir, "teacher")
+  key = hashlib.sha1(json.dumps(env_fingerprint(config.env), sort_keys=True).encode())
+  return os.path.join(os.path.abspath(os.path.expanduser(base)), f"tokenizer-{key.hexdigest()[:8]}")
+
+
+def _factory(env_config):
+  fn = registry.resolve(registry.get(env_config.kind).factory)
+  return functools.partial(fn, max_turns=env_config.max_turns, **env_config.options.to_dict())
+
+
+class TextSource:
+  """A :class:`~atod_jax.train.sources.TaskSource` over a real environment (``env.kind``)."""
+
+  def __init__(self, config, workdir: str, mesh=None, say=print):
+    from atod_jax.envs.pool import EnvPool
+    self.config, self.mesh = config, mesh
+    e = config.env
+    self.name, self.max_turns = e.kind, e.max_turns
+    self.penalty = float(e.get("invalid_penalty", 0.0))
+    self.spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
+                            layout=e.get("layout", "context"), history=e.get("history", 2))
+    self.pool = EnvPool(_factory(e), num_workers=e.workers, step_timeout=e.step_timeout,
+                        start_timeout=max(600.0, e.step_timeout))
+    self.num_train = self.pool.num_tasks(e.train_split)
+    self.num_eval = self.pool.num_tasks(e.eval_split)
+    self.tokenizer = self._tokenizer(tokenizer_dir(config, workdir), say)
+    self.codec = TextCodec(self.tokenizer, self.spec, e.kind)
+
+  def _tokenizer(self, path: str, say) -> Tokenizer:
+    e = self.config.env
+    if e.tokenizer == "student":
+      return Tokenizer.from_pretrained(os.path.expanduser(self.config.student.path))
+    if e.tokenizer != "build":
+      return Tokenizer.from_pretrained(os.path.expanduser(e.tokenizer))
+    fingerprint = {"env": env_fingerprint(e)}
+    stamp = os.path.join(path, "fingerprint.json")
+    if os.path.exists(stamp):
+      with open(stamp) as f:
+        if json.load(f) == fingerprint:
+          return Tokenizer.from_pretrained(path)
+    from atod_jax.data.demos import collect_expert_episodes
+    n = min(e.tokenizer_episodes, self.num_train)
+    say(f"tokenizer: training a {e.vocab_size}-token BPE on {n} expert episodes of "
+        f"{e.kind}/{e.train_split}")
+    texts = [episode_text(self.spec, e.kind, ep) for ep in
+             collect_expert_episodes(self.pool, e.train_split, range(n), batch_size=16)]
+    tok = train_text_tokenizer(texts, e.vocab_size, path)
+    with open(stamp, "w") as f:
+      json.dump(fingerprint, f)
+    return tok
+
+  def _model(self, graphdef, params):
+    """The model with its parameters on the mesh (a no-op where they already are), so
+    they meet the mesh-sharded episodes; teachers and clones come from anywhere."""
+    from flax import nnx
+    if self.mesh is not None:
+      params = jax.device_put(params, state_shardings(params, self.mesh))
+    return nnx.merge(graphdef, params)
+
+  def _ids(self, key, count: int) -> list[int]:
+    return numpy_rng(key).choice(self.num_train, count, replace=count > self.num_train).tolist()
+
+  def train_batch(self, graphdef, params, task_key, policy_key, sampling: SamplingParams,
+                  tasks: int, group_size: int) -> Trajectory:
+    ids = np.repeat(self._ids(task_key, tasks), group_size)
+    groups = np.repeat(np.arange(tasks), group_size)
+    traj, _ = host_rollout(self._model(graphdef, params), self.codec, self.pool,
+                           self.config.env.train_split, ids.tolist(), policy_key,
+                           sampling=sampling, group_ids=groups, mesh=self.mesh,
+                           invalid_penalty=self.penalty)
+    return traj
+
+  def expert_demos(self, key, episodes: int, noise: float = 0.0) -> Trajectory:
+    """The expert on ``episodes`` training tasks, ``env.eval_batch`` at a time (a reset
+    of hundreds of games at once would outlast ``env.step_timeout`` where making a game
+    is slow, as TextWorld's first time)."""
+    k_tasks, k_expert = jax.random.split(key)
+    ids, size = self._ids(k_tasks, episodes), self.config.env.eval_batch
+    parts = [host_rollout(None, self.codec, self.pool, self.config.env.train_split,
+                          ids[start:start + size], jax.random.fold_in(k_expert, start),
+                          sampling=None, expert_noise=noise, invalid_penalty=self.penalty)[0]
+             for start in range(0, len(ids), size)]
+    return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+
+  def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int):
+    """The first ``episodes`` tasks of the evaluation split (all of them if fewer), in
+    batches of ``env.eval_batch`` (the episodes of one host rollout); adds
+    ``success/<type>`` where the env has task types."""
+    model = self._model(graphdef, params)
+    n = min(episodes, self.num_eval)
+    batch = self.config.env.eval_batch
+    sums: dict[str, float] = {}
+    by_type: dict[str, list[bool]] = {}
+    for start in range(0, n, batch):
+      ids = list(range(start, min(n, start + batch)))
+      traj, infos = host_rollout(model, self.codec, self.pool, self.config.env.eval_split, ids,
+                                 stream_key(seed, Stream.EVAL_POLICY, start),
+                                 sampling=SamplingParams(temperature=temperature),
+                                 mesh=self.mesh, invalid_penalty=self.penalty)
+      for k, v in jax.device_get(summarize(traj)).items():
+        sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
+      for info, w in zip(infos, np.asarray(traj.won)):
+        if "task_type" in info:
+          by_type.setdefault(info["task_type"], []).append(bool(w))
+    out = {k: v / n for k, v in sums.items()}
+    out.update({f"success/{t}": float(np.mean(w)) for t, w in sorted(by_type.items())})
+    return out
+
+  def close(self):
+    self.pool.close()
