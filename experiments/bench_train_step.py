@@ -21,9 +21,9 @@ from atod_jax.models import checkpoint as model_io
 from atod_jax.rollout import pack, summarize, trim
 from atod_jax.sampling import SamplingParams
 from atod_jax.train.config import validate
-from atod_jax.train.methods import make_update
+from atod_jax.train.methods import jit_advantages, make_update
 from atod_jax.train.sources.device import DeviceSource, rollout_fn, task_keys
-from atod_jax.train.steps import jit_advantages, jit_policy_update, jit_score
+from atod_jax.train.steps import jit_policy_update, jit_score
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "config")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (after one warm-up)")

@@ -3,9 +3,9 @@
 A config is a plain ``ml_collections.ConfigDict``; :mod:`atod_jax.train.defaults` builds
 every field with its default and documents it, and ``configs/*.py`` change what they
 need. :func:`validate` checks a config before anything is built and raises
-:class:`ConfigError` with one line naming the field and what is allowed. What a method
-means lives in :mod:`atod_jax.train.methods`, what an environment needs in
-:mod:`atod_jax.envs.registry`: both are read from there.
+:class:`ConfigError` with one line naming the field and what is allowed. The
+``method`` and ``objective`` fields are checked by :mod:`atod_jax.train.methods`, what
+an environment needs comes from :mod:`atod_jax.envs.registry`.
 """
 from __future__ import annotations
 
@@ -17,21 +17,12 @@ import ml_collections
 
 from atod_jax.envs import registry
 from atod_jax.models.config import ModelConfig
-from atod_jax.objectives import AGGREGATIONS, ESTIMATORS, MODES, SHAPES
 from atod_jax.rollout.host import LAYOUTS
-from atod_jax.train.methods import METHODS
+from atod_jax.train.methods import ConfigError, validate_objective
+from atod_jax.train.methods import need as _need
 
 STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
 TEACHER_SOURCES = ("build", "hf", "checkpoint")
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message is one line naming the field."""
-
-
-def _need(ok: bool, field: str, message: str):
-  if not ok:
-    raise ConfigError(f"config.{field}: {message}")
 
 
 def _choice(config, field: str, allowed):
@@ -57,10 +48,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for section in ("env", "student", "teacher", "rollout", "objective", "optim", "train",
                   "eval", "mesh"):
     _need(section in config, section, "missing section")
-  _choice(config, "method", tuple(METHODS))
   _choice(config, "env.kind", tuple(registry.ENVS))
   _validate_numbers(config)
-  _validate_objective(config)
+  validate_objective(config)
   if registry.get(config.env.kind).device is not None:
     _validate_device_env(config)
   else:
@@ -89,25 +79,6 @@ def _validate_numbers(config) -> None:
     _need(size % config.optim.microbatches == 0, "optim.microbatches",
           f"must divide the {size} trajectories of a mini-batch (gradient accumulation "
           f"slices), got {config.optim.microbatches}")
-
-
-def _validate_objective(config) -> None:
-  _choice(config, "objective.estimator", ESTIMATORS)
-  _choice(config, "objective.tdur_mode", MODES)
-  _choice(config, "objective.schedule", SHAPES)
-  _choice(config, "objective.aggregation", AGGREGATIONS)
-  _positive(config, "objective.clip_eps")
-  # kappa and rho weigh the two terms: a negative one flips the sign of its term
-  for f in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max", "clip_eps_high",
-            "dual_clip"):
-    _positive(config, f"objective.{f}", zero_ok=True)
-  if config.objective.dual_clip:
-    _need(config.objective.dual_clip > 1.0, "objective.dual_clip",
-          f"must be 0 (off) or > 1, got {config.objective.dual_clip!r}")
-  if METHODS[config.method].needs_groups:
-    _need(config.rollout.group_size >= 2, "rollout.group_size",
-          f"must be >= 2 for method {config.method!r} (group advantages need a group), "
-          f"got {config.rollout.group_size}")
 
 
 def _validate_device_env(config) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from atod_jax.train import methods
+
 
 def tiny_model(hidden: int, layers: int, heads: int, ffn: int, vocab: int = 128) -> dict:
   """A CPU-sized Qwen3-shaped model, f32. Few, wide heads: on a CPU the attention
@@ -41,13 +43,7 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   c.seed = seed
   c.method = method  # a name of atod_jax.train.methods.METHODS
   c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
-  c.objective = dict(
-      estimator="grpo",  # group advantages: grpo | drgrpo | rloo | reinforce
-      tdur_mode="soft_or",  # T-DUR turn weights (objectives.MODES)
-      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape and length
-      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
-      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
-      aggregation="seq_mean_token_mean")
+  c.objective = methods.objective_defaults()  # every field documented there
   c.optim = dict(learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
                  max_grad_norm=1.0,  # 0: no clipping
                  minibatches=4, epochs=1,

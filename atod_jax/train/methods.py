@@ -2,26 +2,43 @@
 
 A :class:`Method` is a record: how the OPD and RL terms are weighted over the steps
 (kappa(s), rho(s)), which T-DUR turn weights it uses, whether it needs the teacher and
-groups of rollouts, and what kind of update it makes. :func:`make_update` turns a
-method and the config into an :class:`Update`, the callable that takes a batch to the
-next train state. The main loop, the teacher's GRPO phase and behaviour cloning (the
-teacher's build, the student's warm start, the ``sft`` baseline) all go through it.
+groups of rollouts, and what kind of update it makes. :func:`advantages` composes a
+method's per-token advantages; :func:`make_update` turns a method and the config into
+an :class:`Update`, the callable that takes a batch to the next train state. The main
+loop, the teacher's GRPO phase and behaviour cloning (the teacher's build, the
+student's warm start, the ``sft`` baseline) all go through it. The ``objective`` section
+of the config is read here only: :func:`objective_defaults` gives its fields and
+:func:`validate_objective` checks them.
 
-Adding a method: one entry in :data:`METHODS` (and, if it needs a new term, that term
-in :mod:`atod_jax.train.steps` and :func:`Update.__call__`).
+Adding a method: one entry in :data:`METHODS`; a new term adds its settings to
+:func:`objective_defaults` / :func:`validate_objective`, its math to
+:mod:`atod_jax.objectives` and its use to :func:`advantages` (or, for a loss term, to
+:mod:`atod_jax.train.steps`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
+from atod_jax import objectives as obj
 from atod_jax.objectives.schedules import AnnealingSchedules, annealing_schedules
-from atod_jax.rollout.trajectory import Trajectory
+from atod_jax.rollout.trajectory import Trajectory, flat, trained_mask
 from atod_jax.train import steps
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the field."""
+
+
+def need(ok: bool, field: str, message: str):
+  """Raises :class:`ConfigError` ``config.<field>: <message>`` unless ``ok``."""
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +80,85 @@ METHODS: dict[str, Method] = {
 }
 
 
+def objective_defaults() -> dict:
+  """The ``objective`` section: the paper's (kappa 1 -> 0.1 and rho 1 -> 2 linearly over
+  80 steps, GRPO group advantages, soft-OR T-DUR, clip 0.2, the sequence-mean
+  token-mean loss)."""
+  return dict(
+      estimator="grpo",  # group advantages: objectives.ESTIMATORS
+      tdur_mode="soft_or",  # T-DUR turn weights: objectives.MODES
+      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape and length
+      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
+      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
+      aggregation="seq_mean_token_mean")  # objectives.AGGREGATIONS
+
+
+def _number(o, field: str, *, low: float = 0.0, strict: bool = False):
+  v = o[field]
+  ok = isinstance(v, (int, float)) and (v > low if strict else v >= low)
+  need(ok, f"objective.{field}", f"must be {'>' if strict else '>='} {low:g}, got {v!r}")
+
+
+def _one_of(o, field: str, allowed):
+  need(o[field] in allowed, f"objective.{field}",
+       f"got {o[field]!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def validate_objective(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` (one line) for a bad ``objective`` field or a method
+  the rollout cannot feed."""
+  need(config.method in METHODS, "method",
+       f"got {config.method!r}; allowed: {', '.join(METHODS)}")
+  o = config.objective
+  _one_of(o, "estimator", obj.ESTIMATORS)
+  _one_of(o, "tdur_mode", obj.MODES)
+  _one_of(o, "schedule", obj.SHAPES)
+  _one_of(o, "aggregation", obj.AGGREGATIONS)
+  _number(o, "clip_eps", strict=True)
+  # kappa and rho weigh the two terms: a negative one flips the sign of its term
+  for f in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max", "clip_eps_high",
+            "dual_clip"):
+    _number(o, f)
+  if o.dual_clip:
+    _number(o, "dual_clip", low=1.0, strict=True)
+  if METHODS[config.method].needs_groups:
+    need(config.rollout.group_size >= 2, "rollout.group_size",
+         f"must be >= 2 for method {config.method!r} (group advantages need a group), "
+         f"got {config.rollout.group_size}")
+
+
+class AdvantageSpec(NamedTuple):
+  """What a method's per-token advantages are made of (static; see
+  :func:`advantages`)."""
+
+  tdur_mode: str
+  estimator: str
+  num_groups: int
+  max_turns: int
+
+
+def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
+  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics:
+  ``kappa * w_k * (log pi_T - log pi_old) + rho * A_i``. Everything per trajectory
+  (T-DUR's weights, the token means) sees the whole row."""
+  mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
+  teacher_logp = flat(teacher_logp)
+  dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
+  weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
+                             mode=spec.tdur_mode, max_turns=spec.max_turns)
+  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
+                                valid=traj.row_valid)
+  adv = obj.atod_advantages(dlogp, weights, a_traj, mask, kappa, rho)
+  tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
+  return adv.reshape(traj.tokens.shape), {
+      "kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
+      "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
+      "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+
+
+jit_advantages = jax.jit(advantages, static_argnums=(4,))
+
+
 def schedules(config: ml_collections.ConfigDict, method: Method) -> AnnealingSchedules:
   """kappa(s) and rho(s) of ``method`` under ``config.objective``."""
   if method.weights is not None:
@@ -83,7 +179,7 @@ class Update:
   graphdef: Any
   tx: optax.GradientTransformation
   sched: AnnealingSchedules
-  advantage: steps.AdvantageSpec | None
+  advantage: AdvantageSpec | None
   loss: steps.PolicyLoss
   walk: steps.Batches
   score_chunks: int = 1
@@ -102,7 +198,7 @@ class Update:
     else:  # the policy's own log-probs: the OPD term is exactly 0
       teacher_logp = batch.behaviour_logp
     kappa, rho = self.sched.kappa(state.step), self.sched.rho(state.step)
-    adv, metrics = steps.jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
+    adv, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
     state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
                                          self.loss, self.walk)
     return state, {**metrics, **upd}
@@ -120,8 +216,7 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
   micro = optim.get("microbatches", 1)
   advantage = None
   if m.update == "policy":
-    advantage = steps.AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step,
-                                    max_turns)
+    advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns)
   return Update(
       method=m, graphdef=graphdef, tx=tx or steps.make_optimizer(optim),
       sched=schedules(config, m), advantage=advantage,

@@ -37,15 +37,6 @@ class Batches(NamedTuple):
   microbatches: int = 1  # gradient-accumulation slices of a mini-batch
 
 
-class AdvantageSpec(NamedTuple):
-  """What the per-token advantages are made of (static; see :func:`advantages`)."""
-
-  tdur_mode: str
-  estimator: str
-  num_groups: int
-  max_turns: int
-
-
 class TrainState(NamedTuple):
   params: Any  # nnx.State of the student
   opt_state: Any  # optax state
@@ -91,25 +82,6 @@ def score(graphdef, params, traj: Trajectory, temperature: float = 1.0,
                            (part(traj.tokens), part(traj.valid)))
     logp = logp.reshape(traj.tokens.shape)
   return jnp.where(traj.gen_mask, jax.lax.stop_gradient(logp), 0.0)
-
-
-def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
-  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics:
-  ``kappa * w_k * (log pi_T - log pi_old) + rho * A_i``. Everything per trajectory
-  (T-DUR's weights, the token means) sees the whole row."""
-  mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
-  teacher_logp = flat(teacher_logp)
-  dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
-  weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
-                             mode=spec.tdur_mode, max_turns=spec.max_turns)
-  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
-                                valid=traj.row_valid)
-  adv = obj.atod_advantages(dlogp, weights, a_traj, mask, kappa, rho)
-  tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
-  return adv.reshape(traj.tokens.shape), {
-      "kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
-      "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
-      "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
 
 
 def _grads(loss_fn, params, batch, microbatches: int):
@@ -192,4 +164,3 @@ jit_sft_update = functools.partial(
     jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2,))(sft_update)
 jit_score = functools.partial(jax.jit, static_argnums=(0,),
                               static_argnames=("temperature", "chunks"))(score)
-jit_advantages = jax.jit(advantages, static_argnums=(4,))
