@@ -104,5 +104,5 @@ class DeviceEnv(Protocol):
     ``noise`` a random command instead (``random`` True: not to be imitated)."""
 
   def anchor(self, state) -> jax.Array:
-    """int32 key of the state the agent acts from (equal for equal states whatever the
-    turn): GiGPO groups turns by it."""
+    """Non-negative int32 key of the state the agent acts from (equal for equal states
+    whatever the turn): GiGPO groups turns by it."""

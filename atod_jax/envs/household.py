@@ -539,8 +539,9 @@ def encode_action(text: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------- device protocol
 def _anchor(state: State) -> jax.Array:
-  """An int32 hash (FNV-1a over the words of every field but the turn count and the
-  flags) of what the agent can act on: equal states at different turns share it."""
+  """A non-negative int32 hash (31 bits of FNV-1a over the words of every field but the
+  turn count and the flags) of what the agent can act on: equal states at different
+  turns share it."""
   fields = (state.rec_type, state.rec_num, state.rec_open, state.obj_type, state.obj_num,
             state.obj_loc, state.obj_clean, state.obj_hot, state.obj_cool, state.agent_loc,
             state.holding, state.goal)
@@ -550,7 +551,7 @@ def _anchor(state: State) -> jax.Array:
     return (h ^ w) * jnp.uint32(16777619), None
 
   h, _ = jax.lax.scan(mix, jnp.uint32(2166136261), words)
-  return jax.lax.bitcast_convert_type(h, jnp.int32)
+  return jax.lax.bitcast_convert_type(h & jnp.uint32(0x7FFFFFFF), jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,3 +94,30 @@ def test_expert_noise_keeps_random_commands_in_context_but_not_imitated():
   assert 0.35 < share < 0.65, share  # about half the turns were random commands
   assert np.all(np.asarray(noisy.gen_mask) <= np.asarray(noisy.valid))
   assert float(jnp.mean(noisy.won)) > 0.5  # the expert recovers from most of them
+
+
+def test_turn_rewards_penalties_and_anchor_states():
+  """Per-turn rewards sum to the episode's, invalid turns cost the penalty, and the
+  anchor key names the state: the rollouts of one task share it on turn 0, and a
+  command that changes nothing ("look") keeps it."""
+  model = DecoderLM(CFG, nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  keys = jnp.repeat(_keys(4, 9), 4, axis=0)  # 4 tasks x 4 rollouts
+  run = jax.jit(lambda p, k: rollout(nnx.merge(graphdef, p), SPEC, k, jax.random.key(3),
+                                     sampling=SamplingParams(1.0), invalid_penalty=0.25))
+  traj = run(params, keys)
+  assert traj.turn_rewards.shape == traj.anchors.shape == (16, SPEC.max_turns)
+  np.testing.assert_allclose(jnp.sum(traj.turn_rewards, 1), traj.rewards, atol=1e-6)
+  assert int(jnp.sum(traj.invalid)) > 0  # an untrained model: many invalid turns
+  np.testing.assert_allclose(traj.rewards, traj.won - 0.25 * traj.invalid, atol=1e-5)
+  a0 = np.asarray(traj.anchors[:, 0]).reshape(4, 4)
+  assert np.all(a0 == a0[:, :1]) and len(set(a0[:, 0])) == 4
+  taken = np.arange(SPEC.max_turns)[None, :] < np.asarray(traj.num_turns)[:, None]
+  assert np.all((np.asarray(traj.anchors) >= 0) == taken)
+  # "look" changes nothing: the state, hence the anchor, stays
+  state = hh.reset(PARAMS, _keys(1)[0])
+  look = jnp.asarray(hh.encode_action("look"))
+  after, _ = SPEC.env.step(state, look)
+  assert int(SPEC.env.anchor(after)) == int(SPEC.env.anchor(state))
+  moved, _ = SPEC.env.step(state, hh.expert_action(state))  # a valid move
+  assert int(SPEC.env.anchor(moved)) != int(SPEC.env.anchor(state))

@@ -42,14 +42,22 @@ def test_behaviour_logprobs_equal_a_full_forward(tmp_path):
   env, codec = _codec(tmp_path)
   model = _model(codec, layers=2)
   traj, infos = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
-                             sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
+                             sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1],
+                             invalid_penalty=0.25)
   assert int(traj.gen_mask.sum()) > 0 and (np.asarray(traj.num_turns) >= 1).all()
   full = token_logprobs(model, traj.tokens, traj.valid)
   np.testing.assert_allclose(np.where(traj.gen_mask, full, 0.0), traj.behaviour_logp,
                              atol=2e-5)
   np.testing.assert_array_equal(traj.group_ids, [0, 0, 1, 1])
-  # an untrained model's responses are malformed or invalid commands
+  # an untrained model's responses are malformed or invalid commands: each costs 0.25
   assert (np.asarray(traj.invalid) == np.asarray(traj.num_turns)).all()
+  np.testing.assert_allclose(traj.rewards, -0.25 * np.asarray(traj.invalid), atol=1e-6)
+  np.testing.assert_allclose(np.sum(traj.turn_rewards, 1), traj.rewards, atol=1e-6)
+  # the anchor of turn 0 is the key of the first observation, the same for a task's rollouts
+  from atod_jax.rollout.host import anchor_key
+  first = env.reset("train", [0, 1, 2, 3]).observations
+  np.testing.assert_array_equal(traj.anchors[:, 0], [anchor_key(o) for o in first])
+  assert anchor_key("You see  a Mug.") == anchor_key("you see a mug.") >= 0
 
 
 def test_expert_episodes_read_back_as_played(tmp_path):
