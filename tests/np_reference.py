@@ -160,3 +160,34 @@ def vocab_divergence(s_logits, t_logits, mask, kind, beta=0.5, temperature=1.0):
         lm = np.log(m)
         out[i, t] = beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
   return out
+
+
+def step_advantages(turn_rewards, anchors, group_ids, num_turns, gamma, norm, valid=None,
+                    eps=1e-6):
+  """GiGPO's step-level advantages as verl-agent computes them: discounted returns,
+  step groups keyed by (episode group, anchor) in a dict, mean / std per group (a
+  singleton: mean 0, std 1)."""
+  b, k = len(turn_rewards), len(turn_rewards[0])
+  valid = np.ones(b, bool) if valid is None else np.asarray(valid, bool)
+  returns = np.zeros((b, k))
+  for i in range(b):
+    running = 0.0
+    for t in reversed(range(k)):
+      running = turn_rewards[i][t] + gamma * running
+      returns[i, t] = running
+  groups = {}
+  for i in range(b):
+    for t in range(int(num_turns[i])):
+      if valid[i] and anchors[i][t] >= 0:
+        groups.setdefault((int(group_ids[i]), int(anchors[i][t])), []).append((i, t))
+  out = np.zeros((b, k))
+  for members in groups.values():
+    values = [returns[i, t] for i, t in members]
+    if len(values) == 1:
+      mean, std = 0.0, 1.0
+    else:
+      mean = sum(values) / len(values)
+      std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    for i, t in members:
+      out[i, t] = returns[i, t] - mean if norm == "mean" else (returns[i, t] - mean) / (std + eps)
+  return out

@@ -367,3 +367,58 @@ def test_functions_vmap_over_a_stack_of_batches():
   want = [float(full({k: jnp.asarray(v) for k, v in bt.items() if k != "num_groups"}))
           for bt in bts]
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_step_advantages_hand_worked():
+  """GiGPO: two rollouts of task 0 meet at anchor 10 on turn 0, one of task 1 also sits
+  at anchor 10 (another episode group: no mixing); gamma 0.5, sparse reward 1 at the
+  end of rollout 0."""
+  rewards = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+  anchors = jnp.array([[10, 20, 30], [10, 40, -1], [10, -1, -1]], jnp.int32)
+  groups = jnp.array([0, 0, 1], jnp.int32)
+  turns = jnp.array([3, 2, 1], jnp.int32)
+  np.testing.assert_allclose(obj.discounted_returns(rewards, 0.5),
+                             [[0.25, 0.5, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+  mean = obj.step_advantages(rewards, anchors, groups, turns, gamma=0.5, norm="mean")
+  # anchor 10 in group 0: returns 0.25 and 0 -> +-0.125; singletons keep their return
+  np.testing.assert_allclose(mean, [[0.125, 0.5, 1.0], [-0.125, 0.0, 0.0], [1.0, 0.0, 0.0]],
+                             atol=1e-6)
+  std = obj.step_advantages(rewards, anchors, groups, turns, gamma=0.5, norm="std")
+  z = 0.125 / (np.std([0.25, 0.0], ddof=1) + 1e-6)  # = 1/sqrt(2)
+  np.testing.assert_allclose(std[:, 0], [z, -z, 1.0], rtol=1e-5)
+  # a row lost to an env failure takes part in nothing
+  lost = obj.step_advantages(rewards, anchors, groups, turns, gamma=0.5,
+                             valid=jnp.array([True, False, True]))
+  np.testing.assert_allclose(lost[0], [0.25, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(lost[1], 0.0)
+
+
+@pytest.mark.parametrize("norm", obj.STEP_NORMS)
+def test_step_advantages_match_numpy(norm):
+  rng = np.random.default_rng(7)
+  b, k = 24, 9
+  rewards = rng.normal(size=(b, k)).astype(np.float32) * (rng.random((b, k)) < 0.3)
+  anchors = rng.integers(0, 5, (b, k)).astype(np.int32)  # few states: many shared
+  anchors[rng.random((b, k)) < 0.1] = -1
+  groups = np.repeat(np.arange(6), 4).astype(np.int32)
+  turns = rng.integers(1, k + 1, b).astype(np.int32)
+  valid = rng.random(b) > 0.1
+  got = obj.step_advantages(jnp.asarray(rewards), jnp.asarray(anchors), jnp.asarray(groups),
+                            jnp.asarray(turns), gamma=0.9, norm=norm, valid=jnp.asarray(valid))
+  want = ref.step_advantages(rewards, anchors, groups, turns, 0.9, norm, valid)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="norm"):
+    obj.step_advantages(jnp.asarray(rewards), jnp.asarray(anchors), jnp.asarray(groups),
+                        jnp.asarray(turns), norm="median")
+
+
+def test_per_token_rl_advantages_in_atod():
+  """atod_advantages takes a [B, L] RL term (GiGPO's per turn, spread by turn_values)."""
+  turn_ids = jnp.array([[-1, 0, 0, -1, 1, 1], [-1, 0, -1, 1, 1, 2]], jnp.int32)
+  mask = turn_ids >= 0
+  per_turn = jnp.array([[0.5, -1.0, 9.0], [2.0, 3.0, 4.0]])
+  tok = obj.turn_values(per_turn, turn_ids)
+  np.testing.assert_allclose(tok, [[0, 0.5, 0.5, 0, -1, -1], [0, 2, 0, 3, 3, 4]])
+  opd = jnp.full(turn_ids.shape, 0.1)
+  adv = obj.atod_advantages(opd, jnp.ones(turn_ids.shape), tok, mask, 0.5, 2.0)
+  np.testing.assert_allclose(adv, np.where(mask, 0.05 + 2.0 * np.asarray(tok), 0.0), rtol=1e-6)

@@ -12,7 +12,9 @@ Typical composition (one update of ATOD)::
     adv = obj.atod_advantages(dlogp, w, a_traj, mask, sched.kappa(step), sched.rho(step))
     loss, metrics = obj.clipped_policy_loss(logp, behaviour_logp, adv, mask)
 """
-from atod_jax.objectives.advantages import ESTIMATORS, atod_advantages, group_advantages
+from atod_jax.objectives.advantages import (
+    ESTIMATORS, STEP_NORMS, atod_advantages, discounted_returns, group_advantages,
+    step_advantages, turn_values)
 from atod_jax.objectives.distill import (
     DIVERGENCES, map_sequence_chunks, opd_signal, vocab_divergence)
 from atod_jax.objectives.policy_loss import (
@@ -22,9 +24,9 @@ from atod_jax.objectives.tdur import (
     MODES, TurnStatistics, minmax_normalize, tdur_weights, turn_statistics, turn_weights)
 
 __all__ = [
-    "AGGREGATIONS", "DIVERGENCES", "ESTIMATORS", "MODES", "SHAPES",
+    "AGGREGATIONS", "DIVERGENCES", "ESTIMATORS", "MODES", "SHAPES", "STEP_NORMS",
     "AnnealingSchedules", "TurnStatistics",
     "aggregate_tokens", "annealing_schedules", "atod_advantages", "clipped_policy_loss",
-    "group_advantages", "map_sequence_chunks", "minmax_normalize", "opd_signal",
+    "discounted_returns", "group_advantages", "step_advantages", "turn_values", "map_sequence_chunks", "minmax_normalize", "opd_signal",
     "tdur_weights", "turn_statistics", "turn_weights", "vocab_divergence",
 ]

@@ -48,13 +48,16 @@ class Method:
   ``weights``: ``None`` anneals kappa and rho as ``config.objective`` says; a pair is a
   constant (kappa, rho). ``tdur``: ``None`` takes ``objective.tdur_mode``; a mode forces
   it. ``update``: ``"policy"`` (the clipped surrogate on per-token advantages) or
-  ``"supervised"`` (the likelihood of expert episodes).
+  ``"supervised"`` (the likelihood of expert episodes). ``rl``: the RL term's advantage,
+  ``None`` takes ``objective.rl_advantage`` (``"episode"``: group advantages of the
+  episode return; ``"gigpo"``: GiGPO's episode plus step-level advantages).
   """
 
   doc: str
   weights: tuple[float, float] | None = None
   tdur: str | None = None
   update: str = "policy"
+  rl: str | None = None
 
   @property
   def uses_teacher(self) -> bool:
@@ -77,7 +80,10 @@ METHODS: dict[str, Method] = {
                          weights=(1.0, 1.0)),
     "atod_uniform": Method("ablation: ATOD without T-DUR (uniform turn weights)",
                            tdur="uniform"),
+    "gigpo": Method("GiGPO (verl-agent): GRPO with step-level advantages of anchor states",
+                    weights=(0.0, 1.0), tdur="uniform", rl="gigpo"),
 }
+RL_ADVANTAGES = ("episode", "gigpo")
 
 
 def objective_defaults() -> dict:
@@ -90,7 +96,10 @@ def objective_defaults() -> dict:
       schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape and length
       kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
       clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
-      aggregation="seq_mean_token_mean")  # objectives.AGGREGATIONS
+      aggregation="seq_mean_token_mean",  # objectives.AGGREGATIONS
+      rl_advantage="episode",  # the RL term: episode | gigpo (GiGPO's step-level groups)
+      gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
+      gigpo_norm="mean")  # GiGPO step groups: mean (verl-agent's mean_norm) | std
 
 
 def _number(o, field: str, *, low: float = 0.0, strict: bool = False):
@@ -121,6 +130,11 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
     _number(o, f)
   if o.dual_clip:
     _number(o, "dual_clip", low=1.0, strict=True)
+  _one_of(o, "rl_advantage", RL_ADVANTAGES)
+  _one_of(o, "gigpo_norm", obj.STEP_NORMS)
+  _number(o, "gigpo_weight")
+  need(0.0 <= o.gigpo_gamma <= 1.0, "objective.gigpo_gamma",
+       f"must be in [0, 1], got {o.gigpo_gamma!r}")
   if METHODS[config.method].needs_groups:
     need(config.rollout.group_size >= 2, "rollout.group_size",
          f"must be >= 2 for method {config.method!r} (group advantages need a group), "
@@ -135,12 +149,16 @@ class AdvantageSpec(NamedTuple):
   estimator: str
   num_groups: int
   max_turns: int
+  rl: str = "episode"  # RL_ADVANTAGES
+  gigpo: tuple[float, float, str] = (0.95, 1.0, "mean")  # gamma, step weight, norm
 
 
 def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
   """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics:
-  ``kappa * w_k * (log pi_T - log pi_old) + rho * A_i``. Everything per trajectory
-  (T-DUR's weights, the token means) sees the whole row."""
+  ``kappa * w_k * (log pi_T - log pi_old) + rho * A``. ``A`` is the episode's group
+  advantage ``A_i``, or with ``spec.rl = "gigpo"`` GiGPO's ``A_i + omega * A^S_{i,k}``
+  (the step-level advantage of the turn's anchor-state group). Everything per
+  trajectory (T-DUR's weights, the token means) sees the whole row."""
   mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
   teacher_logp = flat(teacher_logp)
   dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
@@ -148,12 +166,20 @@ def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: Adva
                              mode=spec.tdur_mode, max_turns=spec.max_turns)
   a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
                                 valid=traj.row_valid)
-  adv = obj.atod_advantages(dlogp, weights, a_traj, mask, kappa, rho)
   tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
-  return adv.reshape(traj.tokens.shape), {
-      "kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
-      "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
-      "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+  metrics = {"kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
+             "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
+             "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+  rl = a_traj
+  if spec.rl == "gigpo":
+    gamma, omega, norm = spec.gigpo
+    a_step = obj.step_advantages(traj.turn_rewards, traj.anchors, traj.group_ids,
+                                 traj.num_turns, gamma=gamma, norm=norm, valid=traj.row_valid)
+    step_tok = obj.turn_values(a_step, flat(traj.turn_ids))
+    rl = a_traj[:, None] + omega * step_tok
+    metrics["abs_step_adv"] = tok(jnp.abs(step_tok))
+  adv = obj.atod_advantages(dlogp, weights, rl, mask, kappa, rho)
+  return adv.reshape(traj.tokens.shape), metrics
 
 
 jit_advantages = jax.jit(advantages, static_argnums=(4,))
@@ -216,7 +242,9 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
   micro = optim.get("microbatches", 1)
   advantage = None
   if m.update == "policy":
-    advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns)
+    advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns,
+                              m.rl or o.rl_advantage,
+                              (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm))
   return Update(
       method=m, graphdef=graphdef, tx=tx or steps.make_optimizer(optim),
       sched=schedules(config, m), advantage=advantage,

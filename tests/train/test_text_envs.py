@@ -25,6 +25,15 @@ def _needs(module):
     return True
 
 
+def _data(*parts):
+  """Skips a test whose shared data is not there (``../shared/data``, ``$ATOD_JAX_DATA``,
+  ``$WEBSHOP_DATA`` for WebShop)."""
+  from atod_jax.envs.searchqa import default_data_dir
+  from atod_jax.envs.webshop import webshop_data_dir
+  path = webshop_data_dir() if parts == ("webshop",) else os.path.join(default_data_dir(), *parts)
+  return pytest.mark.skipif(not os.path.exists(path), reason=f"shared data not found: {path}")
+
+
 def _run(config, workdir, *extra):
   cmd = [sys.executable, "-m", "atod_jax.main", f"--config={ROOT}/configs/{config}",
          f"--workdir={workdir}", *SMALL, *extra]
@@ -36,7 +45,10 @@ def _run(config, workdir, *extra):
   assert [r["step"] for r in train] == [0, 1]
   for r in train:  # real episodes were played and trained on
     assert r["tokens_per_s"] > 0 and r["response_tokens"] > 0 and r["turns"] >= 1 and r["grad_norm"] > 0
-    assert 0.9 <= r["rho"] <= 2.0 and 0.1 <= r["kappa"] <= 1.0
+    if "--config.method=gigpo" in extra:
+      assert r["kappa"] == 0.0 and r["rho"] == 1.0 and "abs_step_adv" in r
+    else:
+      assert 0.9 <= r["rho"] <= 2.0 and 0.1 <= r["kappa"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "results.md"))
   teacher = os.path.join(workdir, "teacher")
   assert any(os.path.isfile(os.path.join(teacher, d, "tokenizer.json"))
@@ -55,11 +67,14 @@ def test_textworld_tiny(tmp_path):
 
 
 @pytest.mark.skipif(_needs("bm25s"), reason="needs the search extra")
-def test_searchqa_tiny(tmp_path):
-  _run("searchqa_tiny.py", tmp_path / "run")
+@_data("searchqa", "hotpot_distractor")
+@pytest.mark.parametrize("method", ["atod", "gigpo"])
+def test_searchqa_tiny(tmp_path, method):
+  _run("searchqa_tiny.py", tmp_path / "run", f"--config.method={method}")
 
 
 @pytest.mark.skipif(_needs("rapidfuzz"), reason="needs the webshop extra")
+@_data("webshop")
 def test_webshop_tiny(tmp_path):
   _run("webshop_tiny.py", tmp_path / "run", "--config.env.max_turns=6")
 

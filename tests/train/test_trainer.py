@@ -428,6 +428,22 @@ def test_sft_baseline_trains_on_expert_episodes(reference):
   assert "kappa" not in train[0]  # no teacher, no advantages
 
 
+@trainer_group
+@pytest.mark.parametrize("method", ["gigpo"])
+def test_baseline_methods_run_through_the_command_line(reference, method):
+  """The neighbouring literature's baselines, two steps each with the shared teacher."""
+  root, teacher, _, _ = reference
+  work = str(root / method)
+  _run(work, teacher, f"--config.method={method}", "--config.train.steps=2",
+       "--config.train.eval_every=2")
+  train = [r for r in _records(work) if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [0, 1]
+  assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train)
+  if method == "gigpo":  # the RL term alone, with step-level groups (turn 0 at least)
+    assert all(r["kappa"] == 0.0 and r["rho"] == 1.0 for r in train)
+    assert any(r["abs_step_adv"] > 0 for r in train)
+
+
 def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
   """The real-environment and paper-scale fields: a wrong layout, gradient-accumulation
   slices that do not divide a mini-batch, an HF model override that is no model field."""
