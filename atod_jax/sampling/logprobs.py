@@ -39,7 +39,14 @@ def token_logprobs(
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
   hidden, _ = model.hidden_states(tokens, positions, valid)
-  unembed = model.unembed_matrix(hidden.dtype)
+  return logprobs_from_hidden(hidden, model.unembed_matrix(hidden.dtype), tokens,
+                              temperature=temperature, chunk_size=chunk_size)
+
+
+def logprobs_from_hidden(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array, *,
+                         temperature: float = 1.0, chunk_size: int | None = 512) -> jax.Array:
+  """:func:`token_logprobs` from the model's final hidden states ``[B, T, H]`` and its
+  unembedding ``[H, V]`` (for callers that use the hidden states twice)."""
 
   def chunk(h, target):  # h [B, C, H], target [B, C] -> [B, C]
     logits = (h @ unembed).astype(jnp.float32) / temperature
