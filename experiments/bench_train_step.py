@@ -55,7 +55,7 @@ def main(argv):
   t_pack, _ = _time(lambda i: trim(pack(traj)), _REPEATS.value)
   t_score, t_logp = _time(lambda i: jit_score(t_graph, t_params, packed), _REPEATS.value)
   upd = make_update(config, config.method, graphdef, max_turns=spec.max_turns)
-  t_adv, (adv, _) = _time(
+  t_adv, (adv, _, _) = _time(
       lambda i: jit_advantages(packed, t_logp, upd.sched.kappa(i), upd.sched.rho(i),
                                upd.advantage), _REPEATS.value)
   state = [upd.init(params)]

@@ -59,6 +59,7 @@ class Run:
   source: TaskSource
   say: Any
   teacher: tuple | None = None  # (graphdef, params) on the mesh
+  teacher_cfg: ModelConfig | None = None
   teacher_metrics: dict | None = None
   graphdef: Any = None  # the student's
   model_cfg: ModelConfig | None = None
@@ -119,6 +120,10 @@ def _train(run: Run, quiet: bool) -> dict:
   state, resumed = restore_or_init(run, tx, ckpt_dir)
   run.update = methods.make_update(config, config.method, run.graphdef,
                                    max_turns=run.source.max_turns, tx=tx)
+  vocab = (run.model_cfg.vocab_size, run.teacher_cfg.vocab_size)
+  methods.need(run.update.distill is None or vocab[0] == vocab[1], "objective.opd_signal",
+               f"the full-vocabulary divergence needs one vocabulary; the student has "
+               f"{vocab[0]} tokens, the teacher {vocab[1]}")
   if run.update.method.update == "supervised":
     run.demos = pack(run.source.expert_demos(key(config.seed, Stream.SFT_DEMOS),
                                              4 * _rows(config), config.student.sft.expert_noise))
@@ -148,8 +153,8 @@ def _rows(config) -> int:
 def prepare_teacher(run: Run) -> None:
   """The teacher on the mesh and its evaluation (the method may not use it; the table
   always compares with it)."""
-  graphdef, params, _, info = get_teacher(run.config, run.source, run.workdir, run.mesh,
-                                          run.say)
+  graphdef, params, run.teacher_cfg, info = get_teacher(run.config, run.source, run.workdir,
+                                                         run.mesh, run.say)
   params = jax.device_put(params, leaf_shardings(params, run.mesh))
   run.teacher = (graphdef, params)
   run.teacher_metrics = evaluation.teacher_metrics(run.config, graphdef, params, run.source,

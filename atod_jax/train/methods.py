@@ -50,7 +50,11 @@ class Method:
   it. ``update``: ``"policy"`` (the clipped surrogate on per-token advantages) or
   ``"supervised"`` (the likelihood of expert episodes). ``rl``: the RL term's advantage,
   ``None`` takes ``objective.rl_advantage`` (``"episode"``: group advantages of the
-  episode return; ``"gigpo"``: GiGPO's episode plus step-level advantages).
+  episode return; ``"gigpo"``: GiGPO's episode plus step-level advantages). ``signal``:
+  the distillation term, ``None`` takes ``objective.opd_signal`` (``"sampled"``: the
+  sampled token's ``log pi_T - log pi_old`` in the advantage; ``"full_vocab"``: the
+  full-vocabulary divergence of :class:`~atod_jax.train.steps.Distill` as a loss term,
+  weighted per token by ``kappa x w_k``).
   """
 
   doc: str
@@ -58,6 +62,7 @@ class Method:
   tdur: str | None = None
   update: str = "policy"
   rl: str | None = None
+  signal: str | None = None
 
   @property
   def uses_teacher(self) -> bool:
@@ -82,8 +87,12 @@ METHODS: dict[str, Method] = {
                            tdur="uniform"),
     "gigpo": Method("GiGPO (verl-agent): GRPO with step-level advantages of anchor states",
                     weights=(0.0, 1.0), tdur="uniform", rl="gigpo"),
+    "gkd": Method("GKD: on-policy distillation with a full-vocabulary divergence "
+                  "(objective.divergence_beta), no reward", weights=(1.0, 0.0),
+                  tdur="uniform", signal="full_vocab"),
 }
 RL_ADVANTAGES = ("episode", "gigpo")
+OPD_SIGNALS = ("sampled", "full_vocab")
 
 
 def objective_defaults() -> dict:
@@ -99,7 +108,9 @@ def objective_defaults() -> dict:
       aggregation="seq_mean_token_mean",  # objectives.AGGREGATIONS
       rl_advantage="episode",  # the RL term: episode | gigpo (GiGPO's step-level groups)
       gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
-      gigpo_norm="mean")  # GiGPO step groups: mean (verl-agent's mean_norm) | std
+      gigpo_norm="mean",  # GiGPO step groups: mean (verl-agent's mean_norm) | std
+      opd_signal="sampled",  # the distillation term: sampled | full_vocab (GKD's divergence)
+      divergence_beta=0.5)  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
 
 
 def _number(o, field: str, *, low: float = 0.0, strict: bool = False):
@@ -135,6 +146,9 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
   _number(o, "gigpo_weight")
   need(0.0 <= o.gigpo_gamma <= 1.0, "objective.gigpo_gamma",
        f"must be in [0, 1], got {o.gigpo_gamma!r}")
+  _one_of(o, "opd_signal", OPD_SIGNALS)
+  need(0.0 <= o.divergence_beta <= 1.0, "objective.divergence_beta",
+       f"must be in [0, 1], got {o.divergence_beta!r}")
   if METHODS[config.method].needs_groups:
     need(config.rollout.group_size >= 2, "rollout.group_size",
          f"must be >= 2 for method {config.method!r} (group advantages need a group), "
@@ -151,14 +165,19 @@ class AdvantageSpec(NamedTuple):
   max_turns: int
   rl: str = "episode"  # RL_ADVANTAGES
   gigpo: tuple[float, float, str] = (0.95, 1.0, "mean")  # gamma, step weight, norm
+  signal: str = "sampled"  # OPD_SIGNALS
 
 
 def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
-  """The ATOD per-token advantages (``traj.tokens``' shape) and their diagnostics:
-  ``kappa * w_k * (log pi_T - log pi_old) + rho * A``. ``A`` is the episode's group
+  """The ATOD per-token advantages (``traj.tokens``' shape), the per-token weights of the
+  full-vocabulary term (None unless ``spec.signal = "full_vocab"``) and diagnostics.
+
+  ``adv = kappa * w_k * (log pi_T - log pi_old) + rho * A``. ``A`` is the episode's group
   advantage ``A_i``, or with ``spec.rl = "gigpo"`` GiGPO's ``A_i + omega * A^S_{i,k}``
-  (the step-level advantage of the turn's anchor-state group). Everything per
-  trajectory (T-DUR's weights, the token means) sees the whole row."""
+  (the step-level advantage of the turn's anchor-state group). With the full-vocabulary
+  signal the first term leaves the advantage and ``kappa * w_k`` weighs the divergence
+  loss instead. Everything per trajectory (T-DUR's weights, the token means) sees the
+  whole row."""
   mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
   teacher_logp = flat(teacher_logp)
   dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
@@ -178,8 +197,12 @@ def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: Adva
     step_tok = obj.turn_values(a_step, flat(traj.turn_ids))
     rl = a_traj[:, None] + omega * step_tok
     metrics["abs_step_adv"] = tok(jnp.abs(step_tok))
+  distill = None
+  if spec.signal == "full_vocab":
+    distill = (kappa * weights * mask).reshape(traj.tokens.shape)
+    kappa = 0.0
   adv = obj.atod_advantages(dlogp, weights, rl, mask, kappa, rho)
-  return adv.reshape(traj.tokens.shape), metrics
+  return adv.reshape(traj.tokens.shape), distill, metrics
 
 
 jit_advantages = jax.jit(advantages, static_argnums=(4,))
@@ -209,6 +232,7 @@ class Update:
   loss: steps.PolicyLoss
   walk: steps.Batches
   score_chunks: int = 1
+  distill: steps.Distill | None = None  # the full-vocabulary term
 
   def init(self, params) -> steps.TrainState:
     return steps.init_state(params, self.tx)
@@ -224,9 +248,11 @@ class Update:
     else:  # the policy's own log-probs: the OPD term is exactly 0
       teacher_logp = batch.behaviour_logp
     kappa, rho = self.sched.kappa(state.step), self.sched.rho(state.step)
-    adv, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
+    adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
+    t_graph, t_params = teacher if self.distill is not None else (None, None)
     state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
-                                         self.loss, self.walk)
+                                         self.loss, self.walk, self.distill, t_graph, t_params,
+                                         weights)
     return state, {**metrics, **upd}
 
 
@@ -240,17 +266,20 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
   o, r = config.objective, config.rollout
   optim = optim or config.optim
   micro = optim.get("microbatches", 1)
-  advantage = None
+  advantage, distill = None, None
   if m.update == "policy":
+    signal = m.signal or o.opd_signal
     advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns,
                               m.rl or o.rl_advantage,
-                              (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm))
+                              (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm), signal)
+    if signal == "full_vocab" and m.uses_teacher:
+      distill = steps.Distill(float(o.divergence_beta))
   return Update(
       method=m, graphdef=graphdef, tx=tx or steps.make_optimizer(optim),
       sched=schedules(config, m), advantage=advantage,
       loss=steps.PolicyLoss(o.clip_eps, o.clip_eps_high, o.dual_clip, o.aggregation,
                             r.temperature),
       walk=steps.Batches(optim.minibatches, optim.epochs, micro),
-      score_chunks=optim.minibatches * micro)
+      score_chunks=optim.minibatches * micro, distill=distill)
 
 

@@ -16,7 +16,8 @@ from flax import nnx
 
 from atod_jax import objectives as obj
 from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_mask
-from atod_jax.sampling.logprobs import token_logprobs
+from atod_jax.objectives.distill import map_sequence_chunks
+from atod_jax.sampling.logprobs import logprobs_from_hidden, token_logprobs
 
 
 class PolicyLoss(NamedTuple):
@@ -27,6 +28,26 @@ class PolicyLoss(NamedTuple):
   dual_clip: float = 0.0  # 0: off
   aggregation: str = "seq_mean_token_mean"
   temperature: float = 1.0  # the rollout's: log-probs are of the sampling distribution
+
+
+class Distill(NamedTuple):
+  """The full-vocabulary distillation term (GKD, Agarwal et al. 2024), static.
+
+  Per generated token, a divergence between the teacher's and the student's whole
+  next-token distributions (temperature 1), differentiated through the student's:
+  ``beta = 0`` forward KL ``KL(pi_T || pi_theta)``, ``beta = 1`` reverse KL
+  ``KL(pi_theta || pi_T)`` (the on-policy distillation objective, whose sampled-token
+  estimate is ATOD's ``log pi_theta - log pi_T``), between them the generalised JSD
+  ``beta KL(pi_T || m) + (1 - beta) KL(pi_theta || m)``, ``m = beta pi_T + (1 - beta)
+  pi_theta`` (the convention of GKD's paper and TRL's ``GKDTrainer``).
+  """
+
+  beta: float = 0.5
+  chunk_size: int = 256  # positions whose logits exist at a time
+
+  @property
+  def kind(self) -> str:
+    return {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(self.beta), "jsd")
 
 
 class Batches(NamedTuple):
@@ -131,19 +152,63 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches)
   return TrainState(params, opt_state, state.step + 1), jax.tree.map(jnp.mean, metrics)
 
 
-def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
-                  loss: PolicyLoss, walk: Batches):
-  """One clipped-surrogate update (all mini-batches and epochs) on a rollout batch."""
-  def loss_fn(params, mb):
-    traj, adv = mb
-    logp = _logprobs(nnx.merge(graphdef, params), traj, loss.temperature)
-    return obj.clipped_policy_loss(flat(logp), flat(traj.behaviour_logp), flat(adv),
-                                   trained_mask(traj), loss.clip_eps,
-                                   clip_eps_high=loss.clip_eps_high or None,
-                                   dual_clip=loss.dual_clip or None,
-                                   aggregation=loss.aggregation)
+def _logprobs_and_divergence(model, teacher, traj: Trajectory, temperature: float,
+                             distill: Distill):
+  """The student's log-probs of ``traj``'s tokens and the per-token :class:`Distill`
+  divergence from ``teacher``, both from one pass of each model; ``traj.tokens``' shape."""
+  tokens, valid = model_rows(traj.tokens), model_rows(traj.valid)
+  hidden, _ = model.hidden_states(tokens, None, valid)
+  logp = logprobs_from_hidden(hidden, model.unembed_matrix(hidden.dtype), tokens,
+                              temperature=temperature)
+  t_hidden = jax.lax.stop_gradient(teacher.hidden_states(tokens, None, valid)[0])
+  unembed, t_unembed = model.unembed_matrix(hidden.dtype), teacher.unembed_matrix(t_hidden.dtype)
+  if unembed.shape[1] != t_unembed.shape[1]:
+    raise ValueError(f"the full-vocabulary term needs one vocabulary: the student has "
+                     f"{unembed.shape[1]} tokens, the teacher {t_unembed.shape[1]}")
 
-  return _minibatch_update(loss_fn, tx, state, (traj, adv), key, walk)
+  def chunk(h, g):  # [B, C, H] each -> [B, C]
+    s_logits = (h @ unembed).astype(jnp.float32)
+    t_logits = jax.lax.stop_gradient((g @ t_unembed).astype(jnp.float32))
+    return obj.vocab_divergence(s_logits, t_logits, jnp.ones(h.shape[:2]), distill.kind,
+                                beta=distill.beta, chunk_size=None)
+
+  div = map_sequence_chunks(chunk, hidden[:, :-1], t_hidden[:, :-1],
+                            chunk_size=distill.chunk_size)
+  div = jnp.pad(div, ((0, 0), (1, 0)))
+  return logp.reshape(traj.tokens.shape), div.reshape(traj.tokens.shape)
+
+
+def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
+                  loss: PolicyLoss, walk: Batches, distill: Distill | None = None,
+                  teacher_graph=None, teacher_params=None, distill_weights=None):
+  """One clipped-surrogate update (all mini-batches and epochs) on a rollout batch; with
+  ``distill``, plus the full-vocabulary divergence from the teacher weighted per token
+  by ``distill_weights`` (``traj.tokens``' shape, e.g. kappa x T-DUR weight) and
+  aggregated as the surrogate is."""
+  def loss_fn(params, mb):
+    traj, adv, weights = mb
+    model = nnx.merge(graphdef, params)
+    mask = trained_mask(traj)
+    if distill is None:
+      logp = _logprobs(model, traj, loss.temperature)
+    else:
+      logp, div = _logprobs_and_divergence(
+          model, nnx.merge(teacher_graph, teacher_params), traj, loss.temperature, distill)
+    value, metrics = obj.clipped_policy_loss(flat(logp), flat(traj.behaviour_logp), flat(adv),
+                                             mask, loss.clip_eps,
+                                             clip_eps_high=loss.clip_eps_high or None,
+                                             dual_clip=loss.dual_clip or None,
+                                             aggregation=loss.aggregation)
+    if distill is not None:
+      term = obj.aggregate_tokens(flat(weights * div), mask, loss.aggregation)
+      value = value + term
+      metrics = dict(metrics, divergence=obj.aggregate_tokens(flat(div), mask, "token_mean"),
+                     distill_loss=term)
+    return value, metrics
+
+  # without the term, a row-shaped placeholder (mini-batches slice every leaf)
+  weights = jnp.zeros(adv.shape[:1]) if distill_weights is None else distill_weights
+  return _minibatch_update(loss_fn, tx, state, (traj, adv, weights), key, walk)
 
 
 def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Batches):
@@ -159,7 +224,7 @@ def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Bat
 # Jitted entry points: the model structure, the optimizer and the settings records are
 # static; the state is donated (updated in place).
 jit_policy_update = functools.partial(
-    jax.jit, static_argnums=(0, 1, 6, 7), donate_argnums=(2,))(policy_update)
+    jax.jit, static_argnums=(0, 1, 6, 7, 8, 9), donate_argnums=(2,))(policy_update)
 jit_sft_update = functools.partial(
     jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2,))(sft_update)
 jit_score = functools.partial(jax.jit, static_argnums=(0,),

@@ -179,9 +179,9 @@ def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
                              np.sort(np.asarray(b_)[np.asarray(cut.gen_mask)]), atol=1e-5)
   teacher = a + 0.1 * jnp.where(traj.gen_mask, 1.0, 0.0)
   sched = obj.annealing_schedules(10)
-  adv, _ = methods.advantages(traj, teacher, sched.kappa(3), sched.rho(3),
-                              methods.AdvantageSpec("soft_or", "grpo", 2, 6))
-  assert adv.shape == traj.tokens.shape
+  adv, none, _ = methods.advantages(traj, teacher, sched.kappa(3), sched.rho(3),
+                                    methods.AdvantageSpec("soft_or", "grpo", 2, 6))
+  assert adv.shape == traj.tokens.shape and none is None  # no full-vocabulary term
   flat = lambda x: x.reshape(4, -1)  # noqa: E731
   mask = flat(traj.gen_mask)
   w = obj.tdur_weights(flat(traj.behaviour_logp), flat(teacher), flat(traj.turn_ids), mask,

@@ -47,6 +47,8 @@ def _run(config, workdir, *extra):
     assert r["tokens_per_s"] > 0 and r["response_tokens"] > 0 and r["turns"] >= 1 and r["grad_norm"] > 0
     if "--config.method=gigpo" in extra:
       assert r["kappa"] == 0.0 and r["rho"] == 1.0 and "abs_step_adv" in r
+    elif "--config.method=gkd" in extra:
+      assert r["kappa"] == 1.0 and r["rho"] == 0.0 and r["divergence"] > 0
     else:
       assert 0.9 <= r["rho"] <= 2.0 and 0.1 <= r["kappa"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "results.md"))
@@ -68,7 +70,7 @@ def test_textworld_tiny(tmp_path):
 
 @pytest.mark.skipif(_needs("bm25s"), reason="needs the search extra")
 @_data("searchqa", "hotpot_distractor")
-@pytest.mark.parametrize("method", ["atod", "gigpo"])
+@pytest.mark.parametrize("method", ["atod", "gigpo", "gkd"])
 def test_searchqa_tiny(tmp_path, method):
   _run("searchqa_tiny.py", tmp_path / "run", f"--config.method={method}")
 

@@ -429,19 +429,27 @@ def test_sft_baseline_trains_on_expert_episodes(reference):
 
 
 @trainer_group
-@pytest.mark.parametrize("method", ["gigpo"])
-def test_baseline_methods_run_through_the_command_line(reference, method):
-  """The neighbouring literature's baselines, two steps each with the shared teacher."""
+@pytest.mark.parametrize("method, extra", [("gigpo", ""), ("gkd", ""),
+                                           ("atod", "--config.objective.opd_signal=full_vocab")])
+def test_baseline_methods_run_through_the_command_line(reference, method, extra):
+  """The neighbouring literature's baselines (and ATOD with GKD's divergence as its
+  distillation term), two steps each with the shared teacher."""
   root, teacher, _, _ = reference
-  work = str(root / method)
+  work = str(root / f"{method}{'_full' if extra else ''}")
   _run(work, teacher, f"--config.method={method}", "--config.train.steps=2",
-       "--config.train.eval_every=2")
+       "--config.train.eval_every=2", *([extra] if extra else []))
   train = [r for r in _records(work) if r["kind"] == "train"]
   assert [r["step"] for r in train] == [0, 1]
   assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train)
   if method == "gigpo":  # the RL term alone, with step-level groups (turn 0 at least)
     assert all(r["kappa"] == 0.0 and r["rho"] == 1.0 for r in train)
     assert any(r["abs_step_adv"] > 0 for r in train)
+  else:  # the divergence is a loss term: the whole loss at rho = 0
+    assert all(r["divergence"] > 0 and r["distill_loss"] > 0 for r in train)
+    if method == "gkd":
+      assert all(r["kappa"] == 1.0 and r["rho"] == 0.0 for r in train)
+      np.testing.assert_allclose([r["loss"] for r in train],
+                                 [r["distill_loss"] for r in train], rtol=1e-5)
 
 
 def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):

@@ -1,0 +1,117 @@
+"""The method table and the math of the methods' terms, against numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atod_jax.models import DecoderLM, ModelConfig
+from atod_jax.train import methods, steps
+from tests import np_reference as ref
+from tests.train import tiny_config
+
+# method -> (kappa, rho) at steps 0, 25, 50 and 80 of the quickstart's 50-step anneal,
+# the turn-weight mode, the teacher used, the RL term, the distillation signal
+TABLE = {
+    "atod": ([(1.0, 1.0), (0.55, 1.5), (0.1, 2.0), (0.1, 2.0)], "soft_or", True, "episode",
+             "sampled"),
+    "opd": ([(1.0, 0.0)] * 4, "uniform", True, "episode", "sampled"),
+    "grpo": ([(0.0, 1.0)] * 4, "uniform", False, "episode", "sampled"),
+    "atod_fixed": ([(1.0, 1.0)] * 4, "soft_or", True, "episode", "sampled"),
+    "atod_uniform": ([(1.0, 1.0), (0.55, 1.5), (0.1, 2.0), (0.1, 2.0)], "uniform", True,
+                     "episode", "sampled"),
+    "gigpo": ([(0.0, 1.0)] * 4, "uniform", False, "gigpo", "sampled"),
+    "gkd": ([(1.0, 0.0)] * 4, "uniform", True, "episode", "full_vocab"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_method_table(name):
+  weights, mode, teacher, rl, signal = TABLE[name]
+  config = tiny_config.get_config()
+  update = methods.make_update(config, name, None, max_turns=15)
+  got = [(float(update.sched.kappa(s)), float(update.sched.rho(s))) for s in (0, 25, 50, 80)]
+  np.testing.assert_allclose(got, weights, atol=1e-6)
+  assert update.advantage.tdur_mode == mode and update.method.uses_teacher == teacher
+  assert update.advantage.rl == rl and update.advantage.signal == signal
+  assert (update.distill is not None) == (signal == "full_vocab")
+
+
+def test_sft_is_supervised_and_every_method_is_in_the_table():
+  assert set(methods.METHODS) == set(TABLE) | {"sft"}
+  sft = methods.make_update(tiny_config.get_config(), "sft", None, max_turns=15)
+  assert sft.advantage is None and not sft.method.uses_teacher
+
+
+def test_atod_takes_the_full_vocabulary_signal_from_the_config():
+  config = tiny_config.get_config()
+  config.objective.update(opd_signal="full_vocab", divergence_beta=1.0)
+  update = methods.make_update(config, "atod", None, max_turns=15)
+  assert update.distill == steps.Distill(1.0) and update.distill.kind == "reverse_kl"
+  assert update.advantage.tdur_mode == "soft_or"
+
+
+@pytest.mark.parametrize("beta, kind", [(0.0, "forward_kl"), (1.0, "reverse_kl"),
+                                        (0.3, "jsd")])
+def test_full_vocabulary_divergence_direction_against_numpy(beta, kind):
+  """beta = 0 is KL(teacher || student), beta = 1 is KL(student || teacher), written out
+  in numpy on the two models' own logits; between them the generalised JSD."""
+  cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=16, intermediate_size=48, dtype="float32")
+  student, teacher = DecoderLM(cfg, nnx.Rngs(0)), DecoderLM(cfg, nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 40, (3, 2, 9)), jnp.int32)  # window layout [B, K, S]
+  valid = jnp.ones(tokens.shape, bool)
+  from atod_jax.rollout.trajectory import Trajectory
+  zeros = jnp.zeros(tokens.shape)
+  traj = Trajectory(tokens, valid, valid, zeros.astype(jnp.int32), zeros, *([None] * 8))
+  distill = steps.Distill(beta, chunk_size=4)  # chunks of 4 of the 8 positions
+  logp, div = steps._logprobs_and_divergence(student, teacher, traj, 1.0, distill)
+  rows = tokens.reshape(-1, 9)
+  s_logits, t_logits = (np.asarray(m(rows)[0]) for m in (student, teacher))
+  mask = np.ones(rows.shape, bool)
+  want = ref.vocab_divergence(s_logits[:, :-1], t_logits[:, :-1], mask[:, :-1], kind, beta=beta)
+  np.testing.assert_allclose(np.asarray(div).reshape(-1, 9)[:, 1:], want, rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(div).reshape(-1, 9)[:, 0] == 0)
+  p_s = jax.nn.softmax(s_logits[:, :-1], -1)
+  p_t = jax.nn.softmax(t_logits[:, :-1], -1)
+  forward = np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1)
+  reverse = np.sum(p_s * (np.log(p_s) - np.log(p_t)), -1)
+  if kind != "jsd":  # the direction, spelled out
+    np.testing.assert_allclose(want, forward if beta == 0.0 else reverse, rtol=1e-4)
+    assert not np.allclose(forward, reverse, rtol=1e-2)
+  picked = np.take_along_axis(jax.nn.log_softmax(s_logits[:, :-1], -1),
+                              np.asarray(rows[:, 1:])[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(logp).reshape(-1, 9)[:, 1:], picked, atol=2e-5)
+
+
+def test_full_vocabulary_term_gradient_moves_the_student_toward_the_teacher():
+  """One update on the divergence alone (kappa = 1, rho = 0) lowers it."""
+  cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=16, intermediate_size=48, dtype="float32")
+  graphdef, params = nnx.split(DecoderLM(cfg, nnx.Rngs(0)))
+  t_graph, t_params = nnx.split(DecoderLM(cfg, nnx.Rngs(1)))
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 40, (4, 12)), jnp.int32)
+  gen = jnp.asarray(np.arange(12)[None, :] >= 4).repeat(4, 0)
+  from atod_jax.rollout.trajectory import Trajectory
+  traj = Trajectory(tokens, jnp.ones(tokens.shape, bool), gen, jnp.where(gen, 0, -1),
+                    jnp.zeros(tokens.shape), jnp.zeros(4), jnp.zeros(4, bool),
+                    jnp.ones(4, jnp.int32), jnp.zeros(4, jnp.int32), jnp.arange(4),
+                    jnp.ones(4, bool), jnp.zeros((4, 1)), jnp.zeros((4, 1), jnp.int32))
+  import optax
+  tx = optax.adam(1e-2)
+  distill = steps.Distill(1.0)
+
+  def divergence(p):
+    _, div = steps._logprobs_and_divergence(nnx.merge(graphdef, p), nnx.merge(t_graph, t_params),
+                                            traj, 1.0, distill)
+    return float(jnp.sum(div * gen) / jnp.sum(gen))
+
+  before = divergence(params)
+  state, metrics = steps.jit_policy_update(
+      graphdef, tx, steps.init_state(params, tx), traj, jnp.zeros(tokens.shape),
+      jax.random.key(0), steps.PolicyLoss(), steps.Batches(1, 1, 1), distill, t_graph,
+      t_params, gen.astype(jnp.float32))
+  np.testing.assert_allclose(float(metrics["divergence"]), before, rtol=1e-5)
+  assert divergence(state.params) < before
