@@ -22,7 +22,7 @@ from atod_jax.train import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "base config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the runs and the tables go")
-_METHODS = flags.DEFINE_string("methods", "atod,opd,grpo,atod_fixed,atod_uniform",
+_METHODS = flags.DEFINE_string("methods", "atod,opd,grpo,gkd,gigpo,atod_fixed,atod_uniform",
                                "comma-separated methods")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds")
 flags.mark_flag_as_required("workdir")

@@ -37,9 +37,9 @@ def abstract(cfg: ModelConfig):
   return nnx.split(nnx.eval_shape(lambda: DecoderLM(cfg, nnx.Rngs(0))))
 
 
-def save(path: str, graphdef, params, cfg: ModelConfig, extra: dict | None = None):
-  """Writes ``model_config.json`` (and ``info.json`` from ``extra``) and ``params/``."""
-  del graphdef  # the structure is rebuilt from the config
+def save(path: str, params, cfg: ModelConfig, extra: dict | None = None):
+  """Writes ``model_config.json`` (and ``info.json`` from ``extra``) and ``params/``;
+  the structure is rebuilt from the config on load."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:

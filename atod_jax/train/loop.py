@@ -271,8 +271,8 @@ def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: i
   best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
   if result["eval/success"] >= best:
-    model_io.save(os.path.join(run.workdir, "student_best"), run.graphdef,
-                  jax.device_get(state.params), run.model_cfg, {"step": done, **result})
+    model_io.save(os.path.join(run.workdir, "student_best"), jax.device_get(state.params),
+                  run.model_cfg, {"step": done, **result})
 
 
 def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, bool]:
@@ -332,7 +332,7 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
     json.dump(summary, f, indent=1)
   log.close()
   final_params = jax.device_get(state.params)
-  model_io.save(os.path.join(workdir, "student"), run.graphdef, final_params, run.model_cfg)
+  model_io.save(os.path.join(workdir, "student"), final_params, run.model_cfg)
   if config.student.init == "hf":
     from flax import nnx
 

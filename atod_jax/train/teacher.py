@@ -122,7 +122,7 @@ def _build(config, source, cache: str, say) -> tuple:
   info = {"source": "build", "fingerprint": fingerprint(config),
           "build_seconds": time.time() - start, "grpo_steps": grpo_steps,
           "grpo_success": grpo_success}
-  model_io.save(cache, graphdef, params, cfg, info)
+  model_io.save(cache, params, cfg, info)
   return graphdef, params, cfg, dict(info, dir=cache)
 
 

@@ -121,3 +121,69 @@ def test_turn_rewards_penalties_and_anchor_states():
   assert int(SPEC.env.anchor(after)) == int(SPEC.env.anchor(state))
   moved, _ = SPEC.env.step(state, hh.expert_action(state))  # a valid move
   assert int(SPEC.env.anchor(moved)) != int(SPEC.env.anchor(state))
+
+
+def test_any_device_env_plays_through_the_rollout():
+  """The rollout knows only the DeviceEnv protocol: a toy environment (say the secret
+  word in at most 4 turns; word ids 3..9, pad 0, eos 1, unk 2) plays through it, with its
+  expert and with a model."""
+  import dataclasses
+  from typing import NamedTuple
+
+  from atod_jax.envs.base import DeviceStep
+
+  class S(NamedTuple):
+    secret: jax.Array
+    turn: jax.Array
+    won: jax.Array
+
+  @dataclasses.dataclass(frozen=True)
+  class Guess:
+    max_turns: int = 4
+    prompt_len: int = 2
+    action_len: int = 1
+    vocab_size: int = 10
+    pad_id, eos_id, unk_id = 0, 1, 2
+
+    def reset(self, key, split):
+      return S(jax.random.randint(key, (), 3, 10), jnp.int32(0), jnp.bool_(False))
+
+    def first_observation(self, s):
+      return jnp.array([5, 0], jnp.int32)  # the same prompt for every task
+
+    def status(self, s):
+      return s.won | (s.turn >= self.max_turns), s.won, s.turn
+
+    def step(self, s, command):
+      live = ~self.status(s)[0]
+      hit = live & (command[0] == s.secret)
+      new = S(s.secret, s.turn + live.astype(jnp.int32), s.won | hit)
+      return new, DeviceStep(hit.astype(jnp.float32), live & (command[0] < 3), jnp.int32(0))
+
+    def observe(self, s, event):
+      return jnp.array([4, 0], jnp.int32)
+
+    def expert(self, s, key, noise):
+      return s.secret[None].astype(jnp.int32), jnp.bool_(False)
+
+    def anchor(self, s):
+      return s.turn  # the turn is all the agent sees
+
+  spec = DeviceRollout(Guess(), obs_len=1)
+  keys = _keys(6, 11)
+  expert = jax.jit(lambda k: rollout(None, spec, k, jax.random.key(0), sampling=None))(keys)
+  assert np.all(expert.won) and np.all(expert.num_turns == 1)
+  secrets = np.asarray(jax.vmap(lambda k: Guess().reset(k, "train").secret)(keys))
+  gen = np.asarray(expert.tokens)[np.asarray(expert.gen_mask)].reshape(6, 2)
+  np.testing.assert_array_equal(gen, np.stack([secrets, np.ones(6, int)], 1))
+  cfg = ModelConfig(vocab_size=10, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=8, intermediate_size=32, dtype="float32")
+  graphdef, params = nnx.split(DecoderLM(cfg, nnx.Rngs(0)))
+  played = jax.jit(lambda p, k: rollout(nnx.merge(graphdef, p), spec, k, jax.random.key(1),
+                                        sampling=SamplingParams(1.0), invalid_penalty=0.5))(
+      params, keys)
+  turns = np.asarray(played.num_turns)
+  assert np.all((turns >= 1) & (turns <= 4))
+  np.testing.assert_allclose(played.rewards, played.won - 0.5 * played.invalid, atol=1e-6)
+  taken = np.arange(4)[None, :] < turns[:, None]
+  np.testing.assert_array_equal(np.asarray(played.anchors), np.where(taken, np.arange(4), -1))

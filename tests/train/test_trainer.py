@@ -495,8 +495,8 @@ def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
   from atod_jax.train.teacher import fingerprint as _fingerprint
   cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                     head_dim=8, intermediate_size=24, dtype="float32")
-  graphdef, params = model_io.fresh(cfg, jax.random.key(0))
-  model_io.save(str(tmp_path), graphdef, params, cfg)
+  _, params = model_io.fresh(cfg, jax.random.key(0))
+  model_io.save(str(tmp_path), params, cfg)
   _, loaded, got_cfg = model_io.load("checkpoint", str(tmp_path))
   assert got_cfg == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
