@@ -15,9 +15,4 @@ from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = d.base("atod")
-  c.env = d.household_env("easy", obs_len=24)
-  c.teacher = d.built_teacher(d.tiny_model(128, 3, 2, 384), demo_episodes=512, sft_steps=150)
-  c.student = d.warm_started_student(d.tiny_model(64, 2, 2, 192), demo_episodes=64, steps=200)
-  c.objective.anneal_steps = 50
-  return c
+  return d.quickstart()  # the settings, spelled out: atod_jax/train/defaults.py

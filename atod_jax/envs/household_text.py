@@ -6,6 +6,7 @@ observations decoded, so the host loop and the jitted rollout can be compared ex
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -82,6 +83,11 @@ class HouseholdTextEnv:
     infos = [{"invalid": bool(v)} for v in np.asarray(out.invalid)]
     return self._batch(obs, out.reward, out.done, out.won, infos)
 
+  def num_tasks(self, split: str) -> int:
+    """Task ids are keys of a generator: any id is a task. A split offers 100,000 (held
+    out: 1,000), the ids the trainer draws from."""
+    return 100_000 if split == "train" else 1_000
+
   def close(self) -> None:
     self._state = None
 
@@ -90,4 +96,16 @@ def make_household_env(params: hh.HouseholdParams, seed: int, worker_index: int 
   """A picklable factory for :class:`~atod_jax.envs.pool.EnvPool`: every worker gets the
   same task generator (tasks are fixed by split and task id, not by worker)."""
   del worker_index
+  return HouseholdTextEnv(params, seed)
+
+
+def household_text_env(worker_index: int = 0, *, max_turns: int | None = None,
+                       preset: str = "easy", seed: int = 0) -> HouseholdTextEnv:
+  """The registry's factory (``env.kind = "household_text"``): the household family as
+  text, for a model with its own tokenizer (no data files needed); ``max_turns`` caps
+  the preset's limit."""
+  del worker_index
+  params = hh.HouseholdParams.preset(preset)
+  if max_turns is not None:
+    params = dataclasses.replace(params, max_turns=min(max_turns, params.max_turns))
   return HouseholdTextEnv(params, seed)

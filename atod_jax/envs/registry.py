@@ -53,6 +53,9 @@ def _action(system: str) -> AgentFormat:
 
 ENVS: dict[str, EnvEntry] = {
     "household": EnvEntry(_action(SYSTEM), device="atod_jax.envs.household:device_env"),
+    # the same tasks as text through the pool: any model with its own tokenizer, no data
+    "household_text": EnvEntry(_action(SYSTEM),
+                               factory="atod_jax.envs.household_text:household_text_env"),
     "alfworld": EnvEntry(
         _action("You are an expert agent operating in the ALFRED embodied household "
                 "environment. You act by issuing one text command per turn."),

@@ -111,6 +111,19 @@ def student_from(kind: str = "hf", path: str = "", **model_fields) -> dict:
   return dict(init=kind, path=path, model=model_fields)
 
 
+def quickstart() -> ml_collections.ConfigDict:
+  """``configs/quickstart.py``: ATOD on the easy household preset, a 3-layer teacher the
+  run builds (behaviour cloning on 512 noise-injected expert episodes) and a 2-layer
+  student warm-started on 64, 100 steps of 8 tasks x 8 rollouts, the hand-off over the
+  first 50."""
+  c = base("atod")
+  c.env = household_env("easy", obs_len=24)
+  c.teacher = built_teacher(tiny_model(128, 3, 2, 384), demo_episodes=512, sft_steps=150)
+  c.student = warm_started_student(tiny_model(64, 2, 2, 192), demo_episodes=64, steps=200)
+  c.objective.anneal_steps = 50
+  return c
+
+
 def tiny_text_run(kind: str, *, vocab: int = 1024, **env) -> ml_collections.ConfigDict:
   """The CPU-sized settings of the ``*_tiny`` configs: ATOD on a real environment with
   tiny models, a ``vocab``-token BPE tokenizer trained on expert episodes, a teacher

@@ -27,7 +27,9 @@ def test_grpo_phase_after_behaviour_cloning(tmp_path):
   config.teacher.build.grpo_steps = 2
   g1, p1, _, info1 = tch.get_teacher(config, tasks, str(tmp_path / "grpo"), say=lambda *a: None)
   assert info1["grpo_steps"] == 2 and len(info1["grpo_success"]) == 2
-  assert all(0.0 < s < 1.0 for s in info1["grpo_success"]), info1["grpo_success"]
+  # at least one step mixed wins and losses (else every group advantage is 0 and the
+  # parameters could not move: checked next); which steps do depends on the task draws
+  assert any(0.0 < s < 1.0 for s in info1["grpo_success"]), info1["grpo_success"]
   # same behaviour-cloning start, then the GRPO updates moved the parameters
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
   with open(os.path.join(tmp_path / "grpo" / "teacher", "info.json")) as f:
