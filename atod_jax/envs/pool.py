@@ -8,7 +8,7 @@ Failures never reach the caller as exceptions: a worker that raises, dies (even 
 ``kill -9``) or does not answer within ``step_timeout`` seconds is killed with its whole
 process group (environments that start a JVM or a simulator take it with them) and
 restarted; the episodes it held come back ``done`` and ``aborted`` (excluded from the
-loss, counted in :attr:`EnvPool.stats`). Workers run in their own session and a
+loss, counted in ``EnvPool.stats``). Workers run in their own session and a
 watchdog thread in each ends its process group within a second of the parent process
 disappearing, even in the middle of a step that never returns, so nothing is left
 behind; ``close`` (also run at interpreter exit) stops them all.

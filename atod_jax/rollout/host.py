@@ -175,7 +175,7 @@ class TextCodec:
 def episode_text(spec: TextRollout, env_kind: str, episode: dict) -> str:
   """An expert episode (:func:`~atod_jax.data.demos.collect_expert_episodes`) as the text
   a policy with a plain tokenizer (no chat template) reads and writes: the training text
-  of :func:`train_text_tokenizer`."""
+  of :func:`~atod_jax.models.tokenizer.train_text_tokenizer`."""
   acts, obs = episode["actions"], episode["observations"]
   if not spec.windowed:
     return (f"Task: {episode['task']}\n" + "\n".join(obs) + "\n"
