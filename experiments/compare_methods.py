@@ -6,7 +6,10 @@
 
 Each run lives in ``<workdir>/<method>/seed_<s>`` (a finished run is reused, a stopped
 one resumes); the teacher is built once in ``<workdir>/teacher`` and shared. Writes
-``<workdir>/comparison.md`` (mean +- std over seeds) and ``<workdir>/comparison.png``.
+``<workdir>/comparison.md``: per method the mean over seeds with a 95% bootstrap
+interval and the paired per-seed difference to the first method (``--methods``: ATOD
+first), then mean +- std of the other measures; and ``<workdir>/comparison.png``
+(the curves, mean and the seeds' spread). The statistics: ``atod_jax.train.compare``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from atod_jax.train import train
+from atod_jax.train.compare import comparison_table, run_methods
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "base config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the runs and the tables go")
@@ -56,26 +59,14 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   methods = _METHODS.value.split(",")
   seeds = [int(s) for s in _SEEDS.value.split(",")]
-  results: dict[str, list[dict]] = {m: [] for m in methods}
-  curves: dict[str, list] = {m: [] for m in methods}
-  teacher = None
-  for method in methods:
-    for seed in seeds:
-      run_dir = os.path.join(workdir, method, f"seed_{seed}")
-      summary_file = os.path.join(run_dir, "summary.json")
-      if not os.path.exists(summary_file):
-        config = base.copy_and_resolve_references()
-        config.unlock()
-        config.method, config.seed = method, seed
-        if config.teacher.source == "build" and not config.teacher.cache_dir:
-          config.teacher.cache_dir = os.path.join(workdir, "teacher")
-        print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
-        train(config, run_dir)
-      with open(summary_file) as f:
-        summary = json.load(f)
-      results[method].append(summary)
-      curves[method].append(_curves(os.path.join(run_dir, "metrics.jsonl")))
-      teacher = summary["teacher"]
+  results = run_methods(base, workdir, methods, seeds,
+                        say=lambda m: print(m, flush=True))
+  curves = {m: [_curves(os.path.join(workdir, m, f"seed_{s}", "metrics.jsonl")) for s in seeds]
+            for m in methods}
+  teacher = results[methods[0]][0]["teacher"]
+  intervals = "\n\n".join(comparison_table(results, methods[0], metric, title) for metric, title in (
+      (lambda r: r["final"]["eval/success"], "final held-out success"),
+      (lambda r: r["best_success"], "best held-out success")))
 
   cols = ("final eval success", "best eval success", "final greedy success", "final turns")
   lines = [f"Budget: {base.train.steps} steps x {base.rollout.tasks_per_step} tasks x "
@@ -95,7 +86,7 @@ def main(argv):
   first = results[methods[0]]
   lines.append(f"| student at step 0 | {_mean_std([r['step0']['eval/success'] for r in first])}"
                " | - | - | - |")
-  table = "\n".join(lines)
+  table = intervals + "\n\n" + "\n".join(lines)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(table + "\n")
 

@@ -33,7 +33,9 @@ class EnvEntry:
   :class:`~atod_jax.envs.base.DeviceEnv` (an environment written in JAX); ``factory``:
   ``"module:function"`` building a :class:`~atod_jax.envs.base.BatchedEnv` in a pool
   worker from ``max_turns`` and ``env.options``. Exactly one of the two is set.
-  ``requires``: a module that imports only with ``extra`` installed.
+  ``requires``: a module that imports only with ``extra`` installed. ``check``:
+  ``"module:function"`` run on the ``env`` config section at start-up (raising
+  ``ValueError`` for a bad one, e.g. training tasks that are also evaluation tasks).
   """
 
   agent: AgentFormat
@@ -41,6 +43,7 @@ class EnvEntry:
   factory: str | None = None
   extra: str | None = None
   requires: str | None = None
+  check: str | None = None
 
   def __post_init__(self):
     if (self.device is None) == (self.factory is None):
@@ -68,7 +71,8 @@ ENVS: dict[str, EnvEntry] = {
     "searchqa": EnvEntry(
         AgentFormat("You are an expert at answering questions with a search engine.",
                     SEARCH_INSTRUCTIONS, None),
-        factory="atod_jax.envs.searchqa:searchqa_env", extra="search", requires="bm25s"),
+        factory="atod_jax.envs.searchqa:searchqa_env", extra="search", requires="bm25s",
+        check="atod_jax.envs.searchqa:check_disjoint"),
     "textworld": EnvEntry(
         _action("You are an expert player of text adventure games. You act by issuing "
                 "one text command per turn."),

@@ -327,20 +327,63 @@ def hotpot_sample_env(worker_index: int = 0, *, path: str | None = None, heldout
   return SearchQAEnv(splits, BM25Retriever(hotpot_corpus(path)), topk, max_turns)
 
 
+def question_key(question: str) -> str:
+  """A question's identity across files: its SQuAD-normalised text."""
+  return normalize_answer(question)
+
+
+def question_splits(questions: dict) -> dict[str, list[dict]]:
+  """Split name -> questions, from split name -> a question file, or -> ``{"path": file,
+  "minus": [split, ...]}``: the file's questions without those (by :func:`question_key`)
+  of the named splits (e.g. train on DeepResearcher's dev minus its test)."""
+  spec = {k: v if isinstance(v, dict) else {"path": v} for k, v in dict(questions).items()}
+  splits = {k: load_questions(v["path"]) for k, v in spec.items()}
+  for name, v in spec.items():
+    for other in v.get("minus", ()):
+      if other not in splits:
+        raise ValueError(f"questions.{name}.minus names {other!r}, not a split "
+                         f"({', '.join(splits)})")
+      taken = {question_key(q["question"]) for q in splits[other]}
+      splits[name] = [q for q in splits[name] if question_key(q["question"]) not in taken]
+  return splits
+
+
+def check_disjoint(env_config) -> None:
+  """Start-up check (the registry's ``check``): no training question is also a question
+  of the evaluation split. Raises ``ValueError`` naming how many and one of them."""
+  options = env_config.options.to_dict() if hasattr(env_config.options, "to_dict") \
+      else dict(env_config.options)
+  if not options.get("questions"):
+    return  # the HotpotQA sample: its splits are disjoint slices of one file
+  splits = question_splits(options["questions"])
+  train, evaluate = env_config.train_split, env_config.eval_split
+  for name in (train, evaluate):
+    if name not in splits:
+      raise ValueError(f"env.options.questions has no split {name!r} ({', '.join(splits)})")
+  held = {question_key(q["question"]) for q in splits[evaluate]}
+  shared = [q["question"] for q in splits[train] if question_key(q["question"]) in held]
+  if shared:
+    raise ValueError(
+        f"{len(shared)} of the {len(splits[train])} {train!r} questions are also in the "
+        f"{evaluate!r} split (e.g. {shared[0][:80]!r}); train on the difference: "
+        f"questions.{train} = {{'path': ..., 'minus': [{evaluate!r}]}}")
+
+
 def searchqa_env(worker_index: int = 0, *, questions: dict | None = None, retriever_url: str = "",
                  corpus: str = "", path: str = "", heldout: int = 20, topk: int = 3,
                  max_turns: int = 4) -> SearchQAEnv:
   """The trainer's Search-QA factory (also an :class:`~atod_jax.envs.pool.EnvPool` one).
 
   With ``questions`` (split -> question file, e.g. the paper's
-  ``deepresearcher/{test,dev}.jsonl``): those splits, searched through
+  ``deepresearcher/{test,dev}.jsonl``, or -> ``{"path", "minus"}``: see
+  :func:`question_splits`): those splits, searched through
   ``retriever_url`` (a Search-R1 retrieval server, e.g. an E5 Wikipedia index) or a BM25
   index over ``corpus`` (a HotpotQA JSON file whose paragraphs form the corpus).
   Without: the HotpotQA sample (:func:`hotpot_sample_env`, ``path`` to override)."""
   if not questions:
     return hotpot_sample_env(worker_index, path=path or None, heldout=heldout, topk=topk,
                              max_turns=max_turns)
-  splits = {k: load_questions(v) for k, v in dict(questions).items()}
+  splits = question_splits(questions)
   if retriever_url:
     retriever = HTTPRetriever(retriever_url)
   elif corpus:

@@ -187,3 +187,9 @@ def _validate_text_env(config) -> None:
   extra = registry.missing_extra(e.kind)
   _need(extra is None, "env.kind", f"{e.kind!r} needs the {extra!r} extra "
         f"(pip install -e \".[{extra}]\")")
+  check = registry.get(e.kind).check
+  if check is not None:
+    try:
+      registry.resolve(check)(e)
+    except (ValueError, FileNotFoundError) as err:
+      raise ConfigError(f"config.env.options: {err}".splitlines()[0]) from None

@@ -168,3 +168,35 @@ def test_questions_from_a_tfds_array_record_dataset(tmp_path):
   assert env.step(gold).wons.all()
   with pytest.raises(KeyError, match="question_key"):
     sq.questions_from_tfds(builder.data_dir, "validation", question_key="query")
+
+
+def test_training_questions_that_are_evaluation_questions_stop_the_run(tmp_path):
+  """A question in both the training and the evaluation split (by normalised text) fails
+  config validation in one line; ``minus`` trains on the difference."""
+  import json as _json
+
+  from atod_jax.envs.searchqa import question_splits
+  from atod_jax.train import ConfigError, validate
+  from atod_jax.train import defaults as d
+
+  def write(name, questions):
+    path = tmp_path / name
+    path.write_text("\n".join(_json.dumps({"question": q, "golden_answers": ["x"]})
+                              for q in questions))
+    return str(path)
+
+  dev = write("dev.jsonl", ["Who wrote Hamlet?", "What is the capital of France?", "Why?"])
+  test = write("test.jsonl", ["who wrote  hamlet", "How far is the Moon?"])
+  splits = question_splits({"train": {"path": dev, "minus": ["test"]}, "test": test})
+  assert [q["question"] for q in splits["train"]] == ["What is the capital of France?", "Why?"]
+  with pytest.raises(ValueError, match="not a split"):
+    question_splits({"train": {"path": dev, "minus": ["valid"]}, "test": test})
+  config = d.tiny_text_run("searchqa", max_turns=4, train_split="train", eval_split="test",
+                           options=dict(questions=dict(train=dev, test=test), corpus=dev))
+  with pytest.raises(ConfigError) as e:
+    validate(config)
+  message = str(e.value)
+  assert message.startswith("config.env.options: 1 of the 3 'train' questions are also in "
+                            "the 'test' split") and "\n" not in message
+  config.env.options.questions = dict(train=dict(path=dev, minus=["test"]), test=test)
+  validate(config)
