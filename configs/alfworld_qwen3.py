@@ -28,8 +28,10 @@ MAX_TURNS = 50
 
 
 def get_config():
-  return d.paper_run(d.text_env(
+  c = d.paper_run(d.text_env(
       "alfworld", max_turns=MAX_TURNS, layout="window", history=2, prompt_len=2048,
       response_len=512, obs_len=0, workers=16, step_timeout=600.0, train_split="train",
       eval_split="valid_seen", eval_batch=64, tokenizer="student", vocab=0,
       tokenizer_episodes=0, options=dict(data_dir="")))
+  c.eval.report_splits = ("valid_seen", "valid_unseen")  # as papers report ALFWorld
+  return c

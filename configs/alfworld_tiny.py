@@ -17,6 +17,7 @@ def get_config():
                       eval_split="valid_seen", prompt_len=160, response_len=16, obs_len=40, vocab=1024,
                       options=dict(data_dir=""))
   c.eval.episodes = 140
+  c.eval.report_splits = ("valid_seen", "valid_unseen")  # as papers report ALFWorld
   # the expert is not re-planned off its plan (a re-plan can take minutes), so the
   # demonstrations are clean ones
   c.teacher.build.expert_noise = 0.0

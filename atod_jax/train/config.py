@@ -68,6 +68,15 @@ def _validate_numbers(config) -> None:
   for f in ("eval.temperature", "optim.max_grad_norm", "optim.weight_decay",
             "optim.warmup_steps"):
     _positive(config, f, zero_ok=True)
+  for f in ("select_split", "report_splits"):
+    _need(f in config.eval, f"eval.{f}", "missing (see atod_jax/train/defaults.py)")
+  _need(isinstance(config.eval.select_split, str), "eval.select_split",
+        f"must be a split name or '' (none), got {config.eval.select_split!r}")
+  splits = config.eval.report_splits
+  _need(isinstance(splits, (tuple, list)) and all(isinstance(x, str) and x for x in splits),
+        "eval.report_splits", f"must be a list of split names, got {splits!r}")
+  _need(config.eval.select_split not in splits, "eval.select_split",
+        f"{config.eval.select_split!r} is also a report split: choose on another")
   if "invalid_penalty" in config.env:
     _positive(config, "env.invalid_penalty", zero_ok=True)
   rows = config.rollout.tasks_per_step * config.rollout.group_size
@@ -96,7 +105,7 @@ def _validate_models(config) -> None:
     _need("build" in config.teacher, "teacher.build", "missing (teacher.source='build')")
     for f in ("demo_episodes", "sft_steps", "batch_size", "learning_rate"):
       _positive(config, f"teacher.build.{f}")
-    for f in ("grpo_steps", "grpo_learning_rate"):
+    for f in ("grpo_steps", "grpo_learning_rate", "select_every", "select_episodes"):
       if f in config.teacher.build:
         _positive(config, f"teacher.build.{f}", zero_ok=True)
     _fraction(config, "teacher.build.expert_noise")

@@ -49,7 +49,9 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
                  minibatches=4, epochs=1,
                  microbatches=1)  # gradient accumulation; also the teacher's scoring chunks
   c.train = dict(steps=100, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
-  c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234)
+  c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234,
+                select_split="",  # where student_best is chosen ("": on the report split)
+                report_splits=())  # reported splits ((): the env's evaluation split)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # data=-1: every device left
   c.debug = dict(nan_at_step=-1)  # fault injection for the tests: NaN loss at this step
   return c
@@ -83,11 +85,15 @@ def text_env(kind: str, *, max_turns: int, train_split: str, eval_split: str,
 
 def built_teacher(model: dict, *, cache_dir: str = "", **build) -> dict:
   """A teacher the run builds (behaviour cloning on expert episodes, then optionally
-  ``grpo_steps`` of GRPO on its own rollouts) and caches in ``cache_dir`` (default
-  ``<workdir>/teacher``)."""
+  ``grpo_steps`` of GRPO on its own rollouts), keeping the parameters that score best on
+  the selection split (``eval.select_split``, else the training split) along the way,
+  and caches in ``cache_dir`` (default ``<workdir>/teacher``)."""
   defaults = dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
                   expert_noise=0.3,  # share of random commands in the demos (DART)
-                  grpo_steps=0, grpo_learning_rate=5e-4)
+                  grpo_steps=0, grpo_learning_rate=5e-4,
+                  # keep the build's best parameters on the selection split, scored every
+                  # select_every steps on select_episodes episodes (0: keep the last)
+                  select_every=25, select_episodes=128)
   return dict(source="build", path="", cache_dir=cache_dir, model=model,
               build=dict(defaults, **build))
 
@@ -121,6 +127,8 @@ def quickstart() -> ml_collections.ConfigDict:
   c.teacher = built_teacher(tiny_model(128, 3, 2, 384), demo_episodes=512, sft_steps=150)
   c.student = warm_started_student(tiny_model(64, 2, 2, 192), demo_episodes=64, steps=200)
   c.objective.anneal_steps = 50
+  # choose student_best on new tasks of the training goals; report on held-out goals
+  c.eval.select_split = "train"
   return c
 
 
@@ -132,7 +140,8 @@ def tiny_text_run(kind: str, *, vocab: int = 1024, **env) -> ml_collections.Conf
   c = base("atod")
   c.env = text_env(kind, vocab=vocab, **env)
   c.teacher = built_teacher(tiny_model(128, 2, 2, 384, vocab=vocab), demo_episodes=64,
-                            sft_steps=100, batch_size=16, expert_noise=0.2)
+                            sft_steps=100, batch_size=16, expert_noise=0.2,
+                            select_every=50, select_episodes=32)
   c.student = warm_started_student(tiny_model(64, 2, 2, 192, vocab=vocab), demo_episodes=32,
                                    steps=60, batch_size=16, expert_noise=0.2)
   c.rollout.update(tasks_per_step=4, group_size=4)

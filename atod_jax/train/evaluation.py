@@ -1,10 +1,19 @@
-"""The run's evaluation protocol: the same held-out episodes for every model.
+"""The run's evaluation protocol: the same episodes for every model.
 
-``eval/*`` are the metrics at the validation temperature (``eval.temperature``, the
-paper's 0.4) and, with ``eval.greedy``, ``greedy/*`` at temperature 0, on the first
-``eval.episodes`` held-out tasks of the source, with the draws of ``eval.seed``. The
-teacher's evaluation is cached next to a built teacher (runs sharing it evaluate it
-once) or in the workdir, keyed by the protocol and the teacher.
+At every evaluation a model plays, at the validation temperature (``eval.temperature``,
+the paper's 0.4), the first ``eval.episodes`` tasks of
+
+* each report split (``eval.report_splits``; default the environment's evaluation
+  split): the first gives ``eval/*`` (and, with ``eval.greedy``, ``greedy/*`` at
+  temperature 0), the others ``eval@<split>/*``;
+* the selection split (``eval.select_split``, when set): ``select/*``. The student kept
+  as ``student_best/`` is the best on it, so a report split is never used to choose
+  what is reported on it (without a selection split the best is chosen on ``eval/*``,
+  as the paper did: that number is then optimistic).
+
+All draws come from ``eval.seed``. The teacher's evaluation is cached next to a built
+teacher (runs sharing it evaluate it once) or in the workdir, keyed by the protocol and
+the teacher.
 """
 from __future__ import annotations
 
@@ -12,24 +21,36 @@ import json
 import os
 
 
+def report_splits(eval_config) -> list[str | None]:
+  """The report splits (``None``: the environment's evaluation split)."""
+  return list(eval_config.get("report_splits", ())) or [None]
+
+
+def selection_key(eval_config) -> str:
+  """The metric ``student_best`` maximises."""
+  return "select/success" if eval_config.get("select_split") else "eval/success"
+
+
 def evaluate(eval_config, graphdef, params, source) -> dict[str, float]:
-  """``eval/*`` and (``eval_config.greedy``) ``greedy/*`` of a model on ``source``."""
+  """Every metric of the protocol above for one model on ``source``."""
   e = eval_config
-  out = {f"eval/{k}": v for k, v in source.evaluate(
-      graphdef, params, episodes=e.episodes, temperature=e.temperature, seed=e.seed).items()}
-  if e.greedy:
-    out.update({f"greedy/{k}": v for k, v in source.evaluate(
-        graphdef, params, episodes=e.episodes, temperature=0.0, seed=e.seed).items()})
+  run = lambda split, temperature: source.evaluate(  # noqa: E731
+      graphdef, params, episodes=e.episodes, temperature=temperature, seed=e.seed, split=split)
+  out = {}
+  for i, split in enumerate(report_splits(e)):
+    prefix = "eval" if i == 0 else f"eval@{split}"
+    out.update({f"{prefix}/{k}": v for k, v in run(split, e.temperature).items()})
+    if i == 0 and e.greedy:
+      out.update({f"greedy/{k}": v for k, v in run(split, 0.0).items()})
+  if e.get("select_split"):
+    out.update({f"select/{k}": v for k, v in run(e.select_split, e.temperature).items()})
   return out
 
 
 def teacher_metrics(config, graphdef, params, source, info: dict, workdir: str) -> dict:
   """The teacher's :func:`evaluate`, from its cache when the protocol and the teacher
   are those of the cached copy."""
-  e = config.eval
-  protocol = json.loads(json.dumps({"episodes": e.episodes, "temperature": e.temperature,
-                                    "greedy": e.greedy, "seed": e.seed,
-                                    "env": config.env.to_dict()}))
+  protocol = json.loads(json.dumps({"eval": config.eval.to_dict(), "env": config.env.to_dict()}))
   cache_file = os.path.join(info.get("dir", workdir), "teacher_eval.json")
   who = info.get("fingerprint", info.get("path"))
   if os.path.exists(cache_file):
@@ -37,7 +58,7 @@ def teacher_metrics(config, graphdef, params, source, info: dict, workdir: str) 
       cached = json.load(f)
     if cached.get("protocol") == protocol and cached.get("teacher") == who:
       return cached["metrics"]
-  metrics = evaluate(e, graphdef, params, source)
+  metrics = evaluate(config.eval, graphdef, params, source)
   with open(cache_file, "w") as f:
     json.dump({"protocol": protocol, "teacher": who, "metrics": metrics}, f, indent=1)
   return metrics

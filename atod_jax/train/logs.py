@@ -101,16 +101,21 @@ def _fmt(v):
   return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def results_table(log: MetricsLog, teacher: dict) -> str:
-  """Markdown table: student at step 0, at the end and at its best eval, and the teacher."""
+def results_table(log: MetricsLog, teacher: dict, select: str = "eval/success") -> str:
+  """Markdown table: the student at step 0, at the end and where ``select`` was best
+  (the one kept as ``student_best/``), and the teacher, on every split evaluated."""
   evals = [r for r in log.records if r["kind"] == "eval"]
+  keys = set(teacher).union(*evals) if evals else set(teacher)
+  cols = [c for c in ("select/success", "eval/success", "greedy/success") if c in keys]
+  cols += sorted(k for k in keys if k.startswith("eval@") and k.endswith("/success"))
+  cols += ["eval/turns", "eval/invalid_rate"]
   rows = []
-  cols = ("eval/success", "greedy/success", "eval/turns", "eval/invalid_rate")
   if evals:
     rows.append((f"student, step {evals[0]['step']}", evals[0]))
     rows.append((f"student, step {evals[-1]['step']} (final)", evals[-1]))
-    best = max(evals, key=lambda r: r.get("eval/success", -1))
-    rows.append((f"student, step {best['step']} (best)", best))
+    best = max(evals, key=lambda r: r.get(select, -1))
+    how = "best" if select == "eval/success" else "selected on select/"
+    rows.append((f"student, step {best['step']} ({how})", best))
   rows.append(("teacher", teacher))
   head = "| model | " + " | ".join(cols) + " |"
   out = [head, "|" + "---|" * (len(cols) + 1)]

@@ -265,12 +265,13 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
 
 
 def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: int) -> None:
-  """The held-out evaluation after step ``done``; the student is kept as
-  ``student_best/`` when it is the best so far (the paper reports the best)."""
+  """The evaluation after step ``done``; the student is kept as ``student_best/`` when
+  it is the best so far on the selection metric (:func:`evaluation.selection_key`)."""
   result = evaluation.evaluate(run.config.eval, run.graphdef, state.params, run.source)
-  best = max((r["eval/success"] for r in log.records if r["kind"] == "eval"), default=-1.0)
+  key_ = evaluation.selection_key(run.config.eval)
+  best = max((r[key_] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
-  if result["eval/success"] >= best:
+  if result[key_] >= best:
     model_io.save(os.path.join(run.workdir, "student_best"), jax.device_get(state.params),
                   run.model_cfg, {"step": done, **result})
 
@@ -321,13 +322,14 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
     logs.plot(log, run.teacher_metrics, os.path.join(workdir, "curves.png"), title)
   except ImportError:  # a dependency, but a broken install should not lose the results
     run.say("matplotlib is not importable: no curves.png")
-  table = logs.results_table(log, run.teacher_metrics)
+  table = logs.results_table(log, run.teacher_metrics, evaluation.selection_key(config.eval))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"# {title}\n\n{table}\n")
   evals = [rec for rec in log.records if rec["kind"] == "eval"]
+  chosen = max(evals, key=lambda r: r[evaluation.selection_key(config.eval)])
   summary = {"method": config.method, "seed": config.seed, "steps": config.train.steps,
              "final": evals[-1], "best_success": max(e["eval/success"] for e in evals),
-             "step0": evals[0], "teacher": run.teacher_metrics}
+             "selected": chosen, "step0": evals[0], "teacher": run.teacher_metrics}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   log.close()

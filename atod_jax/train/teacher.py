@@ -29,10 +29,11 @@ from atod_jax.train.streams import Stream, key
 
 
 def behaviour_clone(config, graphdef, params, source, *, sft, seed: int,
-                    streams: tuple[Stream, Stream, Stream], desc: str):
+                    streams: tuple[Stream, Stream, Stream], desc: str, select=None):
   """``sft.steps`` supervised updates on batches of ``sft.batch_size`` drawn from
   ``sft.demo_episodes`` expert episodes of ``source`` (``sft.expert_noise`` of their
-  turns random, not imitated); ``streams``: the demos', the batches' and the shuffles'."""
+  turns random, not imitated); ``streams``: the demos', the batches' and the shuffles'.
+  With ``select`` (a :class:`Selector`), the parameters it scores best are returned."""
   if sft.steps == 0:
     return params
   demos_stream, pick_stream, shuffle_stream = streams
@@ -59,17 +60,44 @@ def behaviour_clone(config, graphdef, params, source, *, sft, seed: int,
                             replace=episodes < sft.batch_size)
     state, metrics = update(state, trim(jax.tree.map(lambda x: x[idx], demos)),
                             key(seed, shuffle_stream, i))
+    if select is not None:
+      select.offer(i + 1, graphdef, state.params, last=i == sft.steps - 1)
     if i % 10 == 0 or i == sft.steps - 1:
       bar.set_postfix(nll=f"{float(metrics['loss']):.3f}")
-  return state.params
+  return state.params if select is None else select.best
+
+
+class Selector:
+  """Keeps the best parameters of a build by success on the selection split
+  (``eval.select_split``, else the training split), scored every ``every`` steps and at
+  the end on ``episodes`` episodes at the validation temperature; ``history`` records
+  ``(step, success)``."""
+
+  def __init__(self, config, source, *, every: int, episodes: int, phase: str):
+    self.source, self.every, self.phase = source, every, phase
+    self.split = config.eval.select_split or config.env.get("train_split", "train")
+    self.episodes, self.temperature = episodes, config.eval.temperature
+    self.seed = config.eval.seed
+    self.best, self.best_score, self.history = None, -1.0, []
+
+  def offer(self, step: int, graphdef, params, last: bool = False) -> None:
+    if step % self.every and not last:
+      return
+    score = self.source.evaluate(graphdef, params, episodes=self.episodes,
+                                 temperature=self.temperature, seed=self.seed,
+                                 split=self.split)["success"]
+    self.history.append((self.phase, step, score))
+    if score > self.best_score:  # a copy: the update donates the state it is given
+      self.best, self.best_score = jax.tree.map(jnp.copy, params), score
 
 
 def reinforce(config, graphdef, params, source, *, steps: int, learning_rate: float,
-              seed: int, desc: str = "teacher GRPO"):
+              seed: int, desc: str = "teacher GRPO", select: Selector | None = None):
   """``steps`` GRPO updates of a model on its own rollouts of training tasks (the
   ``grpo`` method: the sparse reward only), with the run's rollout, objective and
   optimizer settings at ``learning_rate``: how the paper's teachers were trained after
-  their start. Returns the new parameters and the per-step success."""
+  their start. Returns the new parameters (with ``select``, the best it scored, the
+  starting ones included) and the per-step success."""
   if steps == 0:
     return params, []
   r = config.rollout
@@ -88,17 +116,21 @@ def reinforce(config, graphdef, params, source, *, steps: int, learning_rate: fl
     state, _ = update(state, traj, key(seed, Stream.TEACHER_RL_SHUFFLE, i))
     success.append(float(jnp.mean(traj.won.astype(jnp.float32) * traj.row_valid) /
                          jnp.maximum(jnp.mean(traj.row_valid.astype(jnp.float32)), 1e-9)))
+    if select is not None:
+      select.offer(i + 1, graphdef, state.params, last=i == steps - 1)
     bar.set_postfix(success=f"{success[-1]:.2f}")
-  return state.params, success
+  return (state.params if select is None else select.best), success
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What makes a built teacher, as JSON gives it back (tuples as lists: the stored copy
   must compare equal)."""
+  e = config.eval  # the selection's protocol shapes the build too
   return json.loads(json.dumps({"params_layout": PARAMS_LAYOUT,
                                 "model": config.teacher.model.to_dict(),
                                 "build": config.teacher.build.to_dict(),
-                                "env": config.env.to_dict()}))
+                                "env": config.env.to_dict(),
+                                "select": [e.select_split, e.temperature, e.seed]}))
 
 
 def _build(config, source, cache: str, say) -> tuple:
@@ -111,17 +143,29 @@ def _build(config, source, cache: str, say) -> tuple:
   sft = ml_collections.ConfigDict(dict(steps=b.sft_steps, demo_episodes=b.demo_episodes,
                                        batch_size=b.batch_size, learning_rate=b.learning_rate,
                                        expert_noise=b.expert_noise))
+  every = b.get("select_every", 0)
+  select = Selector(config, source, every=every, episodes=b.get("select_episodes", 128),
+                    phase="sft") if every else None
   params = behaviour_clone(config, graphdef, params, source, sft=sft, seed=b.seed, desc="teacher",
                            streams=(Stream.TEACHER_DEMOS, Stream.TEACHER_PICK,
-                                    Stream.TEACHER_SHUFFLE))
+                                    Stream.TEACHER_SHUFFLE), select=select)
   grpo_steps = b.get("grpo_steps", 0)
   if grpo_steps:
     say(f"teacher: then {grpo_steps} GRPO steps on its own rollouts")
+    if select is not None:
+      select.phase = "grpo"
   params, grpo_success = reinforce(config, graphdef, params, source, steps=grpo_steps,
-                                   learning_rate=b.get("grpo_learning_rate", 5e-4), seed=b.seed)
+                                   learning_rate=b.get("grpo_learning_rate", 5e-4), seed=b.seed,
+                                   select=select if grpo_steps else None)
   info = {"source": "build", "fingerprint": fingerprint(config),
           "build_seconds": time.time() - start, "grpo_steps": grpo_steps,
           "grpo_success": grpo_success}
+  if select is not None:
+    phase, step, score = max(select.history, key=lambda h: h[2])
+    info["selection"] = {"split": select.split, "history": select.history,
+                         "chosen": {"phase": phase, "step": step, "success": score}}
+    say(f"teacher: kept the {phase} step {step} ({score:.3f} success on {select.split!r}, "
+        f"{select.episodes} episodes)")
   model_io.save(cache, params, cfg, info)
   return graphdef, params, cfg, dict(info, dir=cache)
 

@@ -35,3 +35,20 @@ def test_results_table_rows(tmp_path):
   assert lines[3].startswith("| student, step 20 (final) | 0.800")
   assert lines[4].startswith("| student, step 10 (best) | 0.900")
   assert lines[5].startswith("| teacher | 0.850")
+
+
+def test_results_table_with_a_selection_split_and_a_second_report_split(tmp_path):
+  """The student kept is the best on select/success (not on the reported split), and
+  every split evaluated has its column."""
+  log = MetricsLog(str(tmp_path), resume_step=None)
+  for step, sel, rep in ((0, 0.1, 0.3), (10, 0.8, 0.5), (20, 0.6, 0.9)):
+    log.write("eval", step, {"select/success": sel, "eval/success": rep,
+                             "eval@valid_unseen/success": rep / 2, "eval/turns": 5.0})
+  table = results_table(log, {"eval/success": 0.7, "select/success": 0.75},
+                         select="select/success")
+  log.close()
+  lines = table.splitlines()
+  assert lines[0].startswith("| model | select/success | eval/success | "
+                             "eval@valid_unseen/success | eval/turns")
+  assert lines[4].startswith("| student, step 10 (selected on select/) | 0.800 | 0.500 | 0.250")
+  assert lines[5].startswith("| teacher | 0.750 | 0.700 | - |")

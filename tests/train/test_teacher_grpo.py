@@ -38,3 +38,32 @@ def test_grpo_phase_after_behaviour_cloning(tmp_path):
   _, p2, _, _ = tch.get_teacher(config, tasks, str(tmp_path / "grpo"), say=lambda *a: None)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_build_keeps_the_parameters_that_score_best(tmp_path, monkeypatch):
+  """Behaviour cloning offers its parameters to the selector every step; the ones scored
+  best (here by a scripted score: step 2 of 3) are what the build keeps and caches, not
+  the last step's; the history is recorded in the teacher's info."""
+  config = tiny_config.get_config()
+  config.teacher.build.update(sft_steps=3, select_every=1, select_episodes=4)
+  source = DeviceSource(config, make_mesh(-1, 1, 1))
+  scores, offered = iter([0.25, 0.75, 0.5]), []
+
+  def scripted(graphdef, params, **kw):
+    assert kw["split"] == "train" and kw["episodes"] == 4  # new tasks of the train goals
+    offered.append(jax.tree.map(np.array, params))
+    return {"success": next(scores)}
+
+  monkeypatch.setattr(source, "evaluate", scripted)
+  _, kept, _, info = tch.get_teacher(config, source, str(tmp_path), say=lambda *a: None)
+  assert info["selection"]["chosen"] == {"phase": "sft", "step": 2, "success": 0.75}
+  assert [list(h) for h in info["selection"]["history"]] == [
+      ["sft", 1, 0.25], ["sft", 2, 0.75], ["sft", 3, 0.5]]
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(offered[1])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(offered[1]),
+                                                   jax.tree.leaves(offered[2])))
+  # the cached copy is the kept one
+  _, cached, _, _ = tch.get_teacher(config, source, str(tmp_path), say=lambda *a: None)
+  for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 SMALL = ["--config.train.steps=2", "--config.train.eval_every=2",
          "--config.train.checkpoint_every=1", "--config.teacher.build.sft_steps=3",
+         "--config.teacher.build.select_episodes=2",
          "--config.teacher.build.demo_episodes=4", "--config.student.sft.steps=2",
          "--config.student.sft.demo_episodes=4", "--config.env.tokenizer_episodes=4",
          "--config.rollout.tasks_per_step=2", "--config.rollout.group_size=2",

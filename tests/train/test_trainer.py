@@ -94,6 +94,14 @@ def test_uninterrupted_run_writes_everything(reference):
   assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 3, 6]
   kappa = [r["kappa"] for r in train]
   assert kappa[0] == 1.0 and all(a > b for a, b in zip(kappa, kappa[1:]))  # annealing
+  # student_best is chosen on the selection split, not on the reported one
+  evals = [r for r in recs if r["kind"] == "eval"]
+  assert all("select/success" in r and "eval/success" in r for r in evals)
+  with open(os.path.join(ref, "student_best", "info.json")) as f:
+    kept = json.load(f)["step"]
+  best = max(r["select/success"] for r in evals)
+  assert kept == max(r["step"] for r in evals if r["select/success"] == best)
+  assert "selection" in json.load(open(os.path.join(teacher, "info.json")))
   assert "| teacher |" in proc.stdout and "| student, step 6 (final) |" in proc.stdout
   assert os.path.exists(os.path.join(teacher, "info.json"))
   assert os.path.exists(os.path.join(teacher, "teacher_eval.json"))

@@ -13,7 +13,7 @@ def get_config():
   spec.loader.exec_module(module)
   c = module.get_config()
   c.teacher.model = d.tiny_model(32, 2, 2, 64)
-  c.teacher.build.update(demo_episodes=16, sft_steps=3, batch_size=8)
+  c.teacher.build.update(demo_episodes=16, sft_steps=3, batch_size=8, select_episodes=8)
   c.student.model = d.tiny_model(32, 1, 2, 64)
   c.student.sft.update(demo_episodes=8, steps=2, batch_size=8)
   c.rollout.update(tasks_per_step=2, group_size=4)

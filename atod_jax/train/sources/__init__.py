@@ -30,10 +30,11 @@ class TaskSource(Protocol):
     """The expert on ``episodes`` training tasks drawn with ``key``; with ``noise``, that
     share of its turns a random command, played but not imitated."""
 
-  def evaluate(self, graphdef, params, *, episodes: int, temperature: float,
-               seed: int) -> dict[str, float]:
-    """Held-out metrics (``success``, ``reward``, ``turns``, ``invalid_rate``, ...) on
-    the first ``episodes`` evaluation tasks; the same ``seed``, the same episodes."""
+  def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
+               split: str | None = None) -> dict[str, float]:
+    """Metrics (``success``, ``reward``, ``turns``, ``invalid_rate``, ...) on the first
+    ``episodes`` tasks of ``split`` (default: the evaluation split); the same ``seed``,
+    the same episodes."""
 
   def close(self) -> None:
     """Frees worker processes."""

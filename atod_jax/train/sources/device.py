@@ -66,11 +66,13 @@ class DeviceSource:
         None, keys, k_expert, groups)
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
-               batch: int = 256) -> dict[str, float]:
-    """Held-out episodes in batches of ``batch``: the tasks from ``(seed, EVAL_TASKS)``,
-    batch ``b``'s sampling from ``(seed, EVAL_POLICY, b)``."""
-    fn = rollout_fn(graphdef, self.spec, EVAL_SPLIT, SamplingParams(temperature=temperature),
-                    0.0, self.penalty)
+               split: str | None = None, batch: int = 256) -> dict[str, float]:
+    """Episodes of ``split`` (default ``"heldout"``: goal combinations never trained on;
+    ``"train"``: new tasks of the training goals, a validation set) in batches of
+    ``batch``: the tasks from ``(seed, EVAL_TASKS)``, batch ``b``'s sampling from
+    ``(seed, EVAL_POLICY, b)``."""
+    fn = rollout_fn(graphdef, self.spec, split or EVAL_SPLIT,
+                    SamplingParams(temperature=temperature), 0.0, self.penalty)
     keys, groups = task_keys(stream_key(seed, Stream.EVAL_TASKS), episodes, 1)
     sums: dict[str, float] = {}
     for start in range(0, episodes, batch):

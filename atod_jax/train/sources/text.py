@@ -115,18 +115,21 @@ class TextSource:
              for start in range(0, len(ids), size)]
     return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
 
-  def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int):
-    """The first ``episodes`` tasks of the evaluation split (all of them if fewer), in
-    batches of ``env.eval_batch`` (the episodes of one host rollout); adds
+  def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
+               split: str | None = None):
+    """The first ``episodes`` tasks of ``split`` (default ``env.eval_split``; all of them
+    if fewer), in batches of ``env.eval_batch`` (the episodes of one host rollout); adds
     ``success/<type>`` where the env has task types."""
     model = self._model(graphdef, params)
-    n = min(episodes, self.num_eval)
+    split = split or self.config.env.eval_split
+    n = min(episodes, self.num_eval if split == self.config.env.eval_split
+            else self.pool.num_tasks(split))
     batch = self.config.env.eval_batch
     sums: dict[str, float] = {}
     by_type: dict[str, list[bool]] = {}
     for start in range(0, n, batch):
       ids = list(range(start, min(n, start + batch)))
-      traj, infos = host_rollout(model, self.codec, self.pool, self.config.env.eval_split, ids,
+      traj, infos = host_rollout(model, self.codec, self.pool, split, ids,
                                  stream_key(seed, Stream.EVAL_POLICY, start),
                                  sampling=SamplingParams(temperature=temperature),
                                  mesh=self.mesh, invalid_penalty=self.penalty)
