@@ -93,6 +93,7 @@ METHODS: dict[str, Method] = {
 }
 RL_ADVANTAGES = ("episode", "gigpo")
 OPD_SIGNALS = ("sampled", "full_vocab")
+BEHAVIOUR_LOGPS = ("sampler", "recompute")
 
 
 def objective_defaults() -> dict:
@@ -110,7 +111,9 @@ def objective_defaults() -> dict:
       gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
       gigpo_norm="mean",  # GiGPO step groups: mean (verl-agent's mean_norm) | std
       opd_signal="sampled",  # the distillation term: sampled | full_vocab (GKD's divergence)
-      divergence_beta=0.5)  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
+      divergence_beta=0.5,  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
+      behaviour_logp="sampler")  # pi_old: the sampler's log-probs | recompute (a training
+      # forward before the update, as verl does; see experiments/behaviour_gap.py)
 
 
 def _number(o, field: str, *, low: float = 0.0, strict: bool = False):
@@ -147,6 +150,7 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
   need(0.0 <= o.gigpo_gamma <= 1.0, "objective.gigpo_gamma",
        f"must be in [0, 1], got {o.gigpo_gamma!r}")
   _one_of(o, "opd_signal", OPD_SIGNALS)
+  _one_of(o, "behaviour_logp", BEHAVIOUR_LOGPS)
   need(0.0 <= o.divergence_beta <= 1.0, "objective.divergence_beta",
        f"must be in [0, 1], got {o.divergence_beta!r}")
   if METHODS[config.method].needs_groups:
@@ -233,6 +237,7 @@ class Update:
   walk: steps.Batches
   score_chunks: int = 1
   distill: steps.Distill | None = None  # the full-vocabulary term
+  recompute: bool = False  # pi_old from a training forward, not the sampler
 
   def init(self, params) -> steps.TrainState:
     return steps.init_state(params, self.tx)
@@ -241,6 +246,10 @@ class Update:
                teacher: tuple | None = None):
     if self.method.update == "supervised":
       return steps.jit_sft_update(self.graphdef, self.tx, state, batch, key, self.walk)
+    if self.recompute:  # pi_old as the update's own forward computes it
+      batch = batch._replace(behaviour_logp=steps.jit_score(
+          self.graphdef, state.params, batch, temperature=self.loss.temperature,
+          chunks=self.score_chunks))
     if self.method.uses_teacher:
       t_graph, t_params = teacher
       teacher_logp = steps.jit_score(t_graph, t_params, batch, temperature=1.0,
@@ -280,6 +289,7 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
       loss=steps.PolicyLoss(o.clip_eps, o.clip_eps_high, o.dual_clip, o.aggregation,
                             r.temperature),
       walk=steps.Batches(optim.minibatches, optim.epochs, micro),
-      score_chunks=optim.minibatches * micro, distill=distill)
+      score_chunks=optim.minibatches * micro, distill=distill,
+      recompute=m.update == "policy" and o.behaviour_logp == "recompute")
 
 

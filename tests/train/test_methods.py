@@ -115,3 +115,45 @@ def test_full_vocabulary_term_gradient_moves_the_student_toward_the_teacher():
       t_params, gen.astype(jnp.float32))
   np.testing.assert_allclose(float(metrics["divergence"]), before, rtol=1e-5)
   assert divergence(state.params) < before
+
+
+def test_recomputed_behaviour_logprobs_are_the_training_forwards():
+  """objective.behaviour_logp=recompute: pi_old is the current parameters' forward (at
+  the rollout temperature) before the update: with a batch whose recorded log-probs are
+  wrong, the recomputing update equals the sampler one given the forward's log-probs."""
+  import optax
+  from atod_jax.models import checkpoint as model_io
+  from atod_jax.rollout import pack, trim
+  from atod_jax.sampling import SamplingParams
+  from atod_jax.train.sources.device import DeviceSource, rollout_fn, task_keys
+  config = tiny_config.get_config()
+  config.optim.minibatches = 1
+  spec = DeviceSource(config).spec
+  graphdef, params = model_io.fresh(ModelConfig(**config.student.model), jax.random.key(0))
+  keys, groups = task_keys(jax.random.key(1), 2, 4)
+  traj = trim(pack(rollout_fn(graphdef, spec, "train", SamplingParams(1.0))(
+      params, keys, jax.random.key(2), groups)))
+  traj = traj._replace(rewards=jax.random.normal(jax.random.key(4), traj.rewards.shape))
+  forward = steps.jit_score(graphdef, params, traj, temperature=1.0)
+  np.testing.assert_allclose(forward, traj.behaviour_logp, atol=2e-5)  # f32: they agree
+  skewed = traj._replace(behaviour_logp=traj.behaviour_logp + 0.3 * traj.gen_mask)
+  copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
+  run = lambda mode, batch: methods.make_update(  # noqa: E731
+      config.copy_and_resolve_references() if mode == "sampler" else _with(config, mode),
+      "grpo", graphdef, max_turns=15, tx=optax.sgd(1.0))
+  recomputed, m1 = run("recompute", skewed)(run("recompute", skewed).init(copy(params)),
+                                            skewed, jax.random.key(3))
+  sampler, m2 = run("sampler", traj)(run("sampler", traj).init(copy(params)),
+                                     traj._replace(behaviour_logp=forward), jax.random.key(3))
+  skewed_run, m3 = run("sampler", skewed)(run("sampler", skewed).init(copy(params)), skewed,
+                                          jax.random.key(3))
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(recomputed.params), jax.tree.leaves(sampler.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert abs(float(m3["loss"]) - float(m1["loss"])) > 1e-3  # the skew matters without it
+
+
+def _with(config, mode):
+  c = config.copy_and_resolve_references()
+  c.objective.behaviour_logp = mode
+  return c
