@@ -156,12 +156,17 @@ def paper_run(env: dict) -> ml_collections.ConfigDict:
   """The paper's hyperparameters with an HF student and teacher (paths to fill in):
   150 steps, 8 tasks x 8 rollouts, learning rate 1e-6, kappa 1 -> 0.1 and rho 1 -> 2
   over 80 steps, bf16 with per-layer remat, 8 gradient-accumulation slices per
-  mini-batch, evaluation every 10 steps without greedy runs."""
+  mini-batch, pi_old recomputed by a forward (bf16), evaluation every 10 steps without
+  greedy runs."""
   c = base("atod")
   c.env = env
   c.teacher = teacher_from("hf", dtype="bfloat16", remat=True)
   c.student = student_from("hf", dtype="bfloat16", remat=True)
   c.optim.update(learning_rate=1e-6, warmup_steps=0, weight_decay=0.01, microbatches=8)
+  # bf16: the sampler's log-probs are ~1e-2 from a forward's on a Qwen3-0.6B shape (mean
+  # 8e-3, p99 2e-2: the size of T-DUR's disagreement signal), so pi_old is recomputed;
+  # f32 keeps the sampler's (1e-6 apart). experiments/behaviour_gap.py measures it.
+  c.objective.behaviour_logp = "recompute"
   c.train.update(steps=150, keep_checkpoints=2)
   c.eval.update(episodes=140, greedy=False)
   return c
