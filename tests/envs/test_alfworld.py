@@ -3,7 +3,6 @@ type, invalid actions, re-planning, per-type results, the pool and the dataset."
 import functools
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("alfworld")

@@ -10,7 +10,7 @@ pytest.importorskip("scienceworld")
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld needs Java")
 
 from atod_jax.envs import scienceworld as sw  # noqa: E402
-from tests.envs.real_env_checks import check_demonstrations, check_pool, play_expert  # noqa: E402
+from tests.envs.real_env_checks import check_demonstrations, check_pool  # noqa: E402
 
 TASKS = ("find-living-thing", "boil", "use-thermometer", "grow-plant")
 

@@ -3,7 +3,6 @@ status line are gone, games are cached by seed, the pool and the dataset."""
 import functools
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("textworld")
