@@ -19,7 +19,8 @@ def test_grpo_phase_after_behaviour_cloning(tmp_path):
   # a clone good enough that groups of rollouts mix wins and losses (else GRPO's group
   # advantages, hence its updates, are all zero)
   config.teacher.model.update(hidden_size=64, head_dim=32, intermediate_size=192)
-  config.teacher.build.update(demo_episodes=64, sft_steps=150, batch_size=32)
+  config.teacher.build.update(demo_episodes=64, sft_steps=150, batch_size=32,
+                              select_every=0)  # the last parameters: GRPO's own effect
   config.rollout.update(tasks_per_step=4, group_size=4)
   tasks = DeviceSource(config, make_mesh(-1, 1, 1))
   g0, p0, _, info0 = tch.get_teacher(config, tasks, str(tmp_path / "bc"), say=lambda *a: None)
