@@ -3,13 +3,12 @@
 Parses the config (``--config.<field>=value`` overrides) and hands off to
 :func:`atod_jax.train.train`. A bad config fails here in one line.
 """
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from atod_jax.cache import use_compilation_cache
 from atod_jax.train import ConfigError, TrainingDiverged, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a get_config() file",
@@ -21,9 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if not jax.config.jax_compilation_cache_dir:  # repeat runs skip most compilation
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
-        os.environ.get("ATOD_JAX_CACHE", "~/.cache/atod_jax/jax_cache")))
+  use_compilation_cache()
   try:
     result = train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingDiverged) as e:

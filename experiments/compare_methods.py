@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from atod_jax.cache import use_compilation_cache
 from atod_jax.train.compare import comparison_table, run_methods
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "base config")
@@ -52,9 +52,7 @@ def _curves(path):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
-        os.environ.get("ATOD_JAX_CACHE", "~/.cache/atod_jax/jax_cache")))
+  use_compilation_cache()
   base = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   methods = _METHODS.value.split(",")

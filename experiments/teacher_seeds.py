@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from atod_jax.cache import use_compilation_cache
 from atod_jax.models.sharding import make_mesh
 from atod_jax.train import evaluation, validate
 from atod_jax.train.sources import make_source
@@ -32,9 +32,7 @@ _SEEDS = flags.DEFINE_string("seeds", "0,1,2,3,4", "comma-separated build seeds"
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
-        os.environ.get("ATOD_JAX_CACHE", "~/.cache/atod_jax/jax_cache")))
+  use_compilation_cache()
   base = _CONFIG.value
   validate(base)
   rows = []
