@@ -59,14 +59,15 @@ class MetricsLog:
 
 
 def plot(log: MetricsLog, teacher: dict, path: str, title: str):
-  """Learning curves: held-out success (student vs teacher), training success, the
-  kappa / rho schedule, and mean turns."""
+  """Learning curves: held-out success (student vs teacher; the selection split's too),
+  training success, the kappa / rho schedule, and mean turns."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
   ax = axes[0]
-  for key, style in (("eval/success", "-o"), ("greedy/success", "--s")):
+  for key, style in (("eval/success", "-o"), ("greedy/success", "--s"),
+                     ("select/success", ":^")):
     x, y = log.series("eval", key)
     if x:
       ax.plot(x, y, style, label=f"student {key.split('/')[0]}")
