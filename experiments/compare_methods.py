@@ -64,7 +64,8 @@ def main(argv):
   teacher = results[methods[0]][0]["teacher"]
   intervals = "\n\n".join(comparison_table(results, methods[0], metric, title) for metric, title in (
       (lambda r: r["final"]["eval/success"], "final held-out success"),
-      (lambda r: r["best_success"], "best held-out success")))
+      (lambda r: r["selected"]["eval/success"], "held-out success of the student kept "
+       "(chosen on select/)" if base.eval.select_split else "best held-out success")))
 
   cols = ("final eval success", "best eval success", "final greedy success", "final turns")
   lines = [f"Budget: {base.train.steps} steps x {base.rollout.tasks_per_step} tasks x "
