@@ -245,8 +245,10 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
                                 key(config.seed, Stream.POLICY, step),
                                 SamplingParams(temperature=r.temperature), r.tasks_per_step,
                                 r.group_size)
+  valid = traj.row_valid.astype(jnp.float32)  # episodes lost to a worker do not count
+  per_episode = jnp.sum(traj.invalid * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   metrics = dict(summarize(traj), generated_tokens=traj.num_tokens,
-                 invalid_penalty=config.env.get("invalid_penalty", 0.0) * jnp.mean(traj.invalid))
+                 invalid_penalty=config.env.get("invalid_penalty", 0.0) * per_episode)
   if run.demos is not None:  # supervised: a batch of the expert episodes
     idx = jax.random.choice(key(config.seed, Stream.SFT_PICK, step), run.demos.tokens.shape[0],
                             (_rows(config),), replace=False)

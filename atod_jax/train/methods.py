@@ -242,6 +242,14 @@ class Update:
   def init(self, params) -> steps.TrainState:
     return steps.init_state(params, self.tx)
 
+  @property
+  def scores_tokens(self) -> bool:
+    """Whether the teacher scores the sampled tokens: for the sampled OPD signal, or for
+    T-DUR's turn weights (GKD's loss reads the teacher's logits itself, and with uniform
+    weights needs no scores: one teacher forward less a step)."""
+    return self.method.uses_teacher and (self.advantage.signal == "sampled"
+                                         or self.advantage.tdur_mode != "uniform")
+
   def __call__(self, state: steps.TrainState, batch: Trajectory, key: jax.Array,
                teacher: tuple | None = None):
     if self.method.update == "supervised":
@@ -250,11 +258,11 @@ class Update:
       batch = batch._replace(behaviour_logp=steps.jit_score(
           self.graphdef, state.params, batch, temperature=self.loss.temperature,
           chunks=self.score_chunks))
-    if self.method.uses_teacher:
+    if self.scores_tokens:
       t_graph, t_params = teacher
       teacher_logp = steps.jit_score(t_graph, t_params, batch, temperature=1.0,
                                      chunks=self.score_chunks)
-    else:  # the policy's own log-probs: the OPD term is exactly 0
+    else:  # the policy's own log-probs: the sampled OPD term is exactly 0
       teacher_logp = batch.behaviour_logp
     kappa, rho = self.sched.kappa(state.step), self.sched.rho(state.step)
     adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)

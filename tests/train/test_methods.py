@@ -35,6 +35,8 @@ def test_method_table(name):
   assert update.advantage.tdur_mode == mode and update.method.uses_teacher == teacher
   assert update.advantage.rl == rl and update.advantage.signal == signal
   assert (update.distill is not None) == (signal == "full_vocab")
+  # the teacher scores sampled tokens only where the sampled signal or T-DUR reads them
+  assert update.scores_tokens == (teacher and (signal == "sampled" or mode != "uniform"))
 
 
 def test_sft_is_supervised_and_every_method_is_in_the_table():
@@ -48,7 +50,7 @@ def test_atod_takes_the_full_vocabulary_signal_from_the_config():
   config.objective.update(opd_signal="full_vocab", divergence_beta=1.0)
   update = methods.make_update(config, "atod", None, max_turns=15)
   assert update.distill == steps.Distill(1.0) and update.distill.kind == "reverse_kl"
-  assert update.advantage.tdur_mode == "soft_or"
+  assert update.advantage.tdur_mode == "soft_or" and update.scores_tokens  # T-DUR reads the scores
 
 
 @pytest.mark.parametrize("beta, kind", [(0.0, "forward_kl"), (1.0, "reverse_kl"),
