@@ -18,29 +18,16 @@ import ml_collections
 from atod_jax.envs import registry
 from atod_jax.models.config import ModelConfig
 from atod_jax.rollout.host import LAYOUTS
-from atod_jax.train.methods import ConfigError, validate_objective
-from atod_jax.train.methods import need as _need
+from atod_jax.train.checks import ConfigError, choice as _choice, get as _get, need as _need
+from atod_jax.train.checks import number
+from atod_jax.train.methods import validate_objective
 
 STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
 TEACHER_SOURCES = ("build", "hf", "checkpoint")
 
 
-def _choice(config, field: str, allowed):
-  value = _get(config, field)
-  _need(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
-
-
 def _positive(config, field: str, *, zero_ok: bool = False):
-  value = _get(config, field)
-  ok = isinstance(value, (int, float)) and (value >= 0 if zero_ok else value > 0)
-  _need(ok, field, f"must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
-def _get(config, field: str):
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  return value
+  number(config, field, strict=not zero_ok)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -181,6 +168,8 @@ def _validate_text_env(config) -> None:
     _choice(config, "env.layout", LAYOUTS)
   if "history" in e:
     _positive(config, "env.history", zero_ok=True)
+  if e.get("layout", "context") == "context":  # windowed: observations sit in each
+    _positive(config, "env.obs_len")  # turn's prompt
   _need("options" in e, "env.options", "missing (a dict of the environment's arguments)")
   if e.tokenizer == "build":
     _positive(config, "env.vocab_size")

@@ -37,7 +37,7 @@ from atod_jax.models.config import ModelConfig
 from atod_jax.models.sharding import leaf_shardings, make_mesh, shard_batch
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
-from atod_jax.train import evaluation, logs, methods
+from atod_jax.train import checks, evaluation, logs, methods
 from atod_jax.train.config import validate
 from atod_jax.train.sources import TaskSource, make_source
 from atod_jax.train.steps import TrainState, init_state, make_optimizer
@@ -121,7 +121,7 @@ def _train(run: Run, quiet: bool) -> dict:
   run.update = methods.make_update(config, config.method, run.graphdef,
                                    max_turns=run.source.max_turns, tx=tx)
   vocab = (run.model_cfg.vocab_size, run.teacher_cfg.vocab_size)
-  methods.need(run.update.distill is None or vocab[0] == vocab[1], "objective.opd_signal",
+  checks.need(run.update.distill is None or vocab[0] == vocab[1], "objective.opd_signal",
                f"the full-vocabulary divergence needs one vocabulary; the student has "
                f"{vocab[0]} tokens, the teacher {vocab[1]}")
   if run.update.method.update == "supervised":

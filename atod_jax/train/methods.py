@@ -29,16 +29,7 @@ from atod_jax import objectives as obj
 from atod_jax.objectives.schedules import AnnealingSchedules, annealing_schedules
 from atod_jax.rollout.trajectory import Trajectory, flat, trained_mask
 from atod_jax.train import steps
-
-
-class ConfigError(ValueError):
-  """A bad config value; the message is one line naming the field."""
-
-
-def need(ok: bool, field: str, message: str):
-  """Raises :class:`ConfigError` ``config.<field>: <message>`` unless ``ok``."""
-  if not ok:
-    raise ConfigError(f"config.{field}: {message}")
+from atod_jax.train.checks import choice, need, number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,41 +107,30 @@ def objective_defaults() -> dict:
       # forward before the update, as verl does; see experiments/behaviour_gap.py)
 
 
-def _number(o, field: str, *, low: float = 0.0, strict: bool = False):
-  v = o[field]
-  ok = isinstance(v, (int, float)) and (v > low if strict else v >= low)
-  need(ok, f"objective.{field}", f"must be {'>' if strict else '>='} {low:g}, got {v!r}")
-
-
-def _one_of(o, field: str, allowed):
-  need(o[field] in allowed, f"objective.{field}",
-       f"got {o[field]!r}; allowed: {', '.join(map(str, allowed))}")
-
-
 def validate_objective(config: ml_collections.ConfigDict) -> None:
-  """Raises :class:`ConfigError` (one line) for a bad ``objective`` field or a method
+  """Raises :class:`~atod_jax.train.checks.ConfigError` (one line) for a bad ``objective`` field or a method
   the rollout cannot feed."""
   need(config.method in METHODS, "method",
        f"got {config.method!r}; allowed: {', '.join(METHODS)}")
   o = config.objective
-  _one_of(o, "estimator", obj.ESTIMATORS)
-  _one_of(o, "tdur_mode", obj.MODES)
-  _one_of(o, "schedule", obj.SHAPES)
-  _one_of(o, "aggregation", obj.AGGREGATIONS)
-  _number(o, "clip_eps", strict=True)
+  choice(config, "objective.estimator", obj.ESTIMATORS)
+  choice(config, "objective.tdur_mode", obj.MODES)
+  choice(config, "objective.schedule", obj.SHAPES)
+  choice(config, "objective.aggregation", obj.AGGREGATIONS)
+  number(config, "objective.clip_eps")
   # kappa and rho weigh the two terms: a negative one flips the sign of its term
   for f in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max", "clip_eps_high",
             "dual_clip"):
-    _number(o, f)
+    number(config, f"objective.{f}", strict=False)
   if o.dual_clip:
-    _number(o, "dual_clip", low=1.0, strict=True)
-  _one_of(o, "rl_advantage", RL_ADVANTAGES)
-  _one_of(o, "gigpo_norm", obj.STEP_NORMS)
-  _number(o, "gigpo_weight")
+    number(config, "objective.dual_clip", low=1.0)
+  choice(config, "objective.rl_advantage", RL_ADVANTAGES)
+  choice(config, "objective.gigpo_norm", obj.STEP_NORMS)
+  number(config, "objective.gigpo_weight", strict=False)
   need(0.0 <= o.gigpo_gamma <= 1.0, "objective.gigpo_gamma",
        f"must be in [0, 1], got {o.gigpo_gamma!r}")
-  _one_of(o, "opd_signal", OPD_SIGNALS)
-  _one_of(o, "behaviour_logp", BEHAVIOUR_LOGPS)
+  choice(config, "objective.opd_signal", OPD_SIGNALS)
+  choice(config, "objective.behaviour_logp", BEHAVIOUR_LOGPS)
   need(0.0 <= o.divergence_beta <= 1.0, "objective.divergence_beta",
        f"must be in [0, 1], got {o.divergence_beta!r}")
   if METHODS[config.method].needs_groups:

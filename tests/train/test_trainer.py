@@ -474,7 +474,10 @@ def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
                         (lambda c: c.optim.update(microbatches=3), "config.optim.microbatches"),
                         (lambda c: c.student.model.update(flash=True),
                          "config.student.model.flash"),
-                        (lambda c: c.env.update(history=-1), "config.env.history")]:
+                        (lambda c: c.env.update(history=-1), "config.env.history"),
+                        # a growing context keeps each answer's tokens: it needs slots
+                        (lambda c: c.env.update(layout="context", obs_len=0),
+                         "config.env.obs_len")]:
     config = module.get_config()
     config.student.path = config.teacher.path = str(hf)
     change(config)
