@@ -4,7 +4,8 @@ that and HF directories.
 Our checkpoint is a directory with ``model_config.json`` (the :class:`ModelConfig` and
 the parameter layout, :data:`PARAMS_LAYOUT`) and ``params/`` (an orbax checkpoint of the
 NNX parameter state). HF directories (``config.json`` + safetensors) go through
-:func:`atod_jax.models.hf.load_pretrained`. Every loader takes a ``mesh``: each device
+:func:`atod_jax.models.hf.load_pretrained`, GGUF files through
+:func:`atod_jax.models.gguf.load_gguf`. Every loader takes a ``mesh``: each device
 then reads only its own slice of every parameter.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from atod_jax.models.config import ModelConfig
 from atod_jax.models.decoder import PARAMS_LAYOUT, DecoderLM
 from atod_jax.models.sharding import leaf_shardings
 
-SOURCES = ("hf", "checkpoint")  # the directory kinds :func:`load` reads
+SOURCES = ("hf", "checkpoint", "gguf")  # the kinds :func:`load` reads (gguf: a file)
 
 
 def fresh(cfg: ModelConfig, key: jax.Array):
@@ -69,7 +70,7 @@ def saved_config(path: str) -> ModelConfig:
 
 
 def config_of(kind: str, path: str, overrides: dict | None = None) -> ModelConfig:
-  """The :class:`ModelConfig` of an HF directory (``overrides``: model fields that replace
+  """The :class:`ModelConfig` of an HF directory or a GGUF file (``overrides``: model fields that replace
   its ``config.json``'s, e.g. ``dtype``, ``remat``) or of our checkpoint, without
   reading a weight."""
   path = os.path.abspath(os.path.expanduser(path))
@@ -77,16 +78,24 @@ def config_of(kind: str, path: str, overrides: dict | None = None) -> ModelConfi
     return ModelConfig.from_pretrained(path, **{"dtype": "bfloat16", **(overrides or {})})
   if kind == "checkpoint":
     return saved_config(path)
+  if kind == "gguf":
+    from atod_jax.models.gguf import config_from_gguf
+    return config_from_gguf(path, **{"dtype": "bfloat16", **(overrides or {})})
   raise ValueError(f"kind must be one of {SOURCES}, got {kind!r}")
 
 
 def load(kind: str, path: str, overrides: dict | None = None, mesh=None):
-  """``(graphdef, params, cfg)`` from an HF directory or our checkpoint. With ``mesh``,
+  """``(graphdef, params, cfg)`` from an HF directory, a GGUF file or our checkpoint. With ``mesh``,
   every parameter is placed on its shards as it is read (no device holds a full copy of
   a sharded tensor)."""
   path = os.path.abspath(os.path.expanduser(path))
   if kind == "hf":
     model = hf.load_pretrained(path, mesh=mesh, **{"dtype": "bfloat16", **(overrides or {})})
+    graphdef, params = nnx.split(model)
+    return graphdef, params, model.cfg
+  if kind == "gguf":
+    from atod_jax.models.gguf import load_gguf
+    model = load_gguf(path, mesh=mesh, **{"dtype": "bfloat16", **(overrides or {})})
     graphdef, params = nnx.split(model)
     return graphdef, params, model.cfg
   cfg = config_of(kind, path)

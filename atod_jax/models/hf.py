@@ -173,7 +173,15 @@ def load_pretrained(
   """
   path = os.fspath(path)
   cfg = ModelConfig.from_pretrained(path, **config_overrides)
-  ckpt = _Checkpoint(path)
+  return load_from(cfg, _Checkpoint(path), mesh=mesh, rules=rules)
+
+
+def load_from(cfg: ModelConfig, ckpt, *, mesh: jax.sharding.Mesh | None = None,
+              rules=DEFAULT_RULES) -> DecoderLM:
+  """Builds a :class:`DecoderLM` of ``cfg`` from ``ckpt``, anything whose
+  ``slice(hf_name)`` gives an object with ``get_shape()`` and ``[index]`` over the HF
+  tensor (a safetensors slice; :class:`atod_jax.models.gguf.GGUFCheckpoint`'s view).
+  Every device reads only the part of each tensor its shard holds."""
   abstract = nnx.eval_shape(lambda: DecoderLM(cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   if mesh is None:

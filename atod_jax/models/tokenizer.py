@@ -73,6 +73,33 @@ class Tokenizer:
         generation = json.load(f)
     return cls(_HFTokenizer.from_file(file), config, template, generation)
 
+  @classmethod
+  def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+    """The tokenizer of a GGUF file: its byte-level BPE vocabulary and merges, its
+    control and user-defined tokens, its special tokens and its chat template (rendered
+    in the same sandbox: a file's template is untrusted input). Needs the ``gguf``
+    package (``pip install "atod_jax[pretrained]"``)."""
+    from atod_jax.models.gguf import tokenizer_parts
+    tok, config, generation, template = tokenizer_parts(path)
+    return cls(tok, config, template, generation)
+
+  def save_pretrained(self, path: str | os.PathLike) -> None:
+    """Writes ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and
+    ``generation_config.json`` (the stop tokens) to ``path``: what
+    :meth:`from_pretrained` and ``transformers.AutoTokenizer`` read."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    self._tok.save(os.path.join(path, "tokenizer.json"))
+    config = dict(self.config)
+    if self.chat_template:
+      config["chat_template"] = self.chat_template
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=1, ensure_ascii=False)
+    if self.generation_config:
+      with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(self.generation_config, f, indent=1)
+
   # ------------------------------------------------------------------ tokens
   def _special(self, name: str) -> str | None:
     return _token_text(self.config.get(name))

@@ -22,8 +22,8 @@ from atod_jax.train.checks import ConfigError, choice as _choice, get as _get, n
 from atod_jax.train.checks import number
 from atod_jax.train.methods import validate_objective
 
-STUDENT_INITS = ("fresh", "sft", "hf", "checkpoint")
-TEACHER_SOURCES = ("build", "hf", "checkpoint")
+STUDENT_INITS = ("fresh", "sft", "hf", "gguf", "checkpoint")
+TEACHER_SOURCES = ("build", "hf", "gguf", "checkpoint")
 
 
 def _positive(config, field: str, *, zero_ok: bool = False):
@@ -105,7 +105,11 @@ def _validate_models(config) -> None:
       path = config[who].path
       _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
             f"{kind} directory {path!r} does not exist")
-    if kind == "hf":  # the model fields given override the directory's config
+    if kind == "gguf":
+      path = config[who].path
+      _need(bool(path) and os.path.isfile(os.path.expanduser(path)), f"{who}.path",
+            f"GGUF file {path!r} does not exist")
+    if kind in ("hf", "gguf"):  # the model fields given override the file's config
       known = {f.name for f in dataclasses.fields(ModelConfig)}
       for field in config[who].model:
         _need(field in known, f"{who}.model.{field}",
@@ -175,9 +179,9 @@ def _validate_text_env(config) -> None:
     _positive(config, "env.vocab_size")
     _positive(config, "env.tokenizer_episodes")
   elif e.tokenizer == "student":
-    _need(config.student.init == "hf", "env.tokenizer",
-          f"'student' takes the tokenizer of an HF student (student.init='hf'), but "
-          f"student.init is {config.student.init!r}")
+    _need(config.student.init in ("hf", "gguf"), "env.tokenizer",
+          f"'student' takes the tokenizer of an HF or GGUF student (student.init='hf' or "
+          f"'gguf'), but student.init is {config.student.init!r}")
   else:
     path = os.path.expanduser(e.tokenizer)
     _need(os.path.isfile(os.path.join(path, "tokenizer.json")), "env.tokenizer",

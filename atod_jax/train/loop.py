@@ -337,12 +337,17 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
   log.close()
   final_params = jax.device_get(state.params)
   model_io.save(os.path.join(workdir, "student"), final_params, run.model_cfg)
-  if config.student.init == "hf":
+  if config.student.init in ("hf", "gguf"):
     from flax import nnx
 
     from atod_jax.models.hf import save_pretrained
-    save_pretrained(nnx.merge(run.graphdef, final_params), os.path.join(workdir, "student_hf"),
-                    tokenizer_dir=config.student.path)
+    out = os.path.join(workdir, "student_hf")
+    gguf_student = config.student.init == "gguf"
+    save_pretrained(nnx.merge(run.graphdef, final_params), out,
+                    tokenizer_dir=None if gguf_student else config.student.path)
+    if gguf_student:
+      from atod_jax.models.tokenizer import Tokenizer
+      Tokenizer.from_gguf(config.student.path).save_pretrained(out)
   run.say("\n" + table)
   run.say(f"\nwrote {workdir}/curves.png, results.md, metrics.jsonl, tensorboard/, student/, "
           "student_best/")

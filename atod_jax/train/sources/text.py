@@ -62,7 +62,10 @@ class TextSource:
   def _tokenizer(self, path: str, say) -> Tokenizer:
     e = self.config.env
     if e.tokenizer == "student":
-      return Tokenizer.from_pretrained(os.path.expanduser(self.config.student.path))
+      student = os.path.expanduser(self.config.student.path)
+      if self.config.student.init == "gguf":
+        return Tokenizer.from_gguf(student)
+      return Tokenizer.from_pretrained(student)
     if e.tokenizer != "build":
       return Tokenizer.from_pretrained(os.path.expanduser(e.tokenizer))
     fingerprint = {"env": env_fingerprint(e)}
