@@ -13,7 +13,9 @@ happens." or its parser's complaint) and is flagged ``info["invalid"]``.
   ``valid_seen`` (140), ``valid_unseen`` (134). The expert is the PDDL planner: its plan
   is taken once at reset (re-planning costs ~0.5 s a step, minutes in some states);
   with ``replan=True`` it is re-planned when the agent leaves it, else there is no
-  expert command from then on. ``info["task_type"]`` names the task family (pick, look, clean, heat,
+  expert command from then on. A reset costs ~0.3 s, not ~1.1 s: the PDDL-to-SAS
+  translation TextWorld runs four times per load and reset is computed once per game
+  and process (:func:`_translate_once`). ``info["task_type"]`` names the task family (pick, look, clean, heat,
   cool, pick2) for per-type results (:func:`success_by_type`).
 * :class:`TextWorldEnv` plays games generated offline with ``tw-make`` (the ``textworld``
   extra), cached on disk by (kind, options, seed) so a seed is generated once. The
@@ -83,6 +85,7 @@ class _TextGameEnv:
     self._tw = textworld
     self.max_turns = max_turns
     self._slots: list = []
+    self._loaded: list[str | None] = []  # the game file each slot holds
     self._states: list = []
     self._tasks: list[str] = []
     self._infos: list[dict] = []
@@ -122,11 +125,13 @@ class _TextGameEnv:
   def _slot(self, i: int, path: str):
     while len(self._slots) <= i:
       self._slots.append(None)
+      self._loaded.append(None)
     if self._slots[i] is None:
       self._slots[i] = self._tw.start(path, request_infos=self._request_infos(),
                                       wrappers=self._wrappers())
-    else:
+    elif self._loaded[i] != path:  # a slot that holds the game already is only reset
       self._slots[i].load(path)
+    self._loaded[i] = path
     return self._slots[i]
 
   def _batch(self, observations, rewards, infos) -> Batch:
@@ -189,10 +194,43 @@ class _TextGameEnv:
     for env in self._slots:
       if env is not None:
         env.close()
-    self._slots = []
+    self._slots, self._loaded = [], []
 
 
 # ------------------------------------------------------------------------ ALFWorld
+_TRANSLATIONS: collections.OrderedDict = collections.OrderedDict()
+_TRANSLATIONS_KEPT = 512  # games; one is ~0.2 MB
+
+
+def _translate_once() -> None:
+  """Makes ``fast_downward.pddl2sas`` remember its results in this process.
+
+  TextWorld's PDDL games translate the domain and problem to SAS twice when a game is
+  loaded and twice again at every reset (``PddlState.__init__``: once plain, once
+  optimised): ~0.75 s of a ~1.1 s ALFWorld reset. The result depends only on the two
+  texts and the flag, and TextWorld only reads it (the task's objects, initial facts
+  and actions, the SAS text handed to the planner), so the same game is translated once
+  per process. The installed package is not changed; the wrapper is set on its module
+  at run time, in the worker processes that play ALFWorld."""
+  import fast_downward
+  if getattr(fast_downward.pddl2sas, "_atod_jax_memo", False):
+    return
+  translate = fast_downward.pddl2sas
+
+  def pddl2sas(domain: str, problem: str, verbose: bool = False, optimize=False):
+    key = hashlib.sha1(f"{optimize}\0{domain}\0{problem}".encode()).hexdigest()
+    if key in _TRANSLATIONS:
+      _TRANSLATIONS.move_to_end(key)
+      return _TRANSLATIONS[key]
+    out = _TRANSLATIONS[key] = translate(domain, problem, verbose=verbose, optimize=optimize)
+    if len(_TRANSLATIONS) > _TRANSLATIONS_KEPT:
+      _TRANSLATIONS.popitem(last=False)
+    return out
+
+  pddl2sas._atod_jax_memo = True
+  fast_downward.pddl2sas = pddl2sas
+
+
 def alfworld_data_dir(path: str | None = None) -> str:
   """The ``json_2.1.1`` folder: ``path``, else ``$ALFWORLD_DATA/json_2.1.1`` (the
   upstream convention) where it exists, else ``alfworld/json_2.1.1`` in the shared data
@@ -231,6 +269,7 @@ class AlfWorldEnv(_TextGameEnv):
           "to the folder holding json_2.1.1)")
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler  # `alfworld` extra
     self._demangler = AlfredDemangler
+    _translate_once()
     self.replan = replan
     self._files: dict[str, list[str]] = {}
     self._plans: list[list[str]] = []
