@@ -381,6 +381,23 @@ def _remat_layer(layer, x, rope, valid):
   return layer(x, rope, valid, None, None)
 
 
+def _scan_remat_layers(layers, x, rope, valid):
+  """The layers as one ``lax.scan`` over their stacked parameters, each rematerialised:
+  the backward pass holds one layer's activations plus every layer's input. (A Python
+  loop of rematerialised layers does not bound memory on XLA:CPU: its scheduler runs the
+  recomputations early, and a 30-layer model then holds all of them; the scan's
+  sequential structure cannot be reordered.) ``layers`` must share one structure."""
+  graphdef = nnx.graphdef(layers[0])
+  stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(layer) for layer in layers])
+
+  @jax.checkpoint
+  def body(x, state):
+    y, _ = nnx.merge(graphdef, state)(x, rope, valid, None, None)
+    return y, None
+
+  return jax.lax.scan(body, x, stacked)[0]
+
+
 class DecoderLM(nnx.Module):
   """Decoder-only causal LM. See the module docstring for the calling convention."""
 
@@ -393,6 +410,11 @@ class DecoderLM(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                             cfg.params_dtype)
+
+  def _uniform_layers(self) -> bool:
+    """Whether every layer has one structure (not so for a MoE model with dense layers)."""
+    first = nnx.graphdef(self.layers[0])
+    return all(nnx.graphdef(layer) == first for layer in self.layers[1:])
 
   def unembed_matrix(self, dtype) -> jax.Array:
     """``[H, V]`` output projection (the embedding, transposed, when tied)."""
@@ -422,6 +444,8 @@ class DecoderLM(nnx.Module):
     if cache is not None:
       slot_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
     keys, values = [], []
+    if cfg.remat and cache is None and self._uniform_layers():
+      return self.norm(_scan_remat_layers(self.layers, x, rope, valid)), None
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i], slot_valid)
       index = None if cache is None else cache.index

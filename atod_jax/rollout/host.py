@@ -246,6 +246,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   anchors = np.full((kk, b), -1, np.int32)
   turns = np.zeros(b, np.int32)
   invalid = np.zeros(b, np.int32)
+  format_errors = np.zeros(b, np.int32)  # turns whose answer held no command
   aborted = np.zeros(b, bool) if batch.aborted is None else batch.aborted.copy()
   done = batch.dones.copy() | aborted
   infos = [dict(x) for x in batch.infos] if batch.infos else [{} for _ in range(b)]
@@ -311,6 +312,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
     flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos] or [False] * b)
     bad = invalid_turns(live, malformed, flagged)
     invalid += bad.astype(np.int32)
+    format_errors += (live & malformed).astype(np.int32)
     rewards[k] = turn_rewards(np.asarray(batch.rewards, np.float32), live, bad, invalid_penalty)
     if batch.aborted is not None:
       aborted |= batch.aborted & live
@@ -328,6 +330,8 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
       if not expert and not done.all() and k + 1 < kk:
         logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
   won = batch.wons.copy() & ~aborted
+  for i in range(b):
+    infos[i]["format_errors"] = int(format_errors[i])
   rows = dict(rewards=rewards.sum(axis=0), won=won, num_turns=turns, invalid=invalid,
               group_ids=group_ids, row_valid=~aborted, turn_rewards=rewards, anchors=anchors)
   if spec.windowed:

@@ -96,18 +96,24 @@ def _validate_models(config) -> None:
       if f in config.teacher.build:
         _positive(config, f"teacher.build.{f}", zero_ok=True)
     _fraction(config, "teacher.build.expert_noise")
+    if "init" in config.teacher.build:
+      _choice(config, "teacher.build.init", ("fresh", "hf", "gguf", "checkpoint"))
   if config.student.init == "sft" or config.method == "sft":
     _need("sft" in config.student, "student.sft",
           f"missing (student.init={config.student.init!r}, method={config.method!r})")
     _fraction(config, "student.sft.expert_noise")
-  for who, kind in (("student", config.student.init), ("teacher", config.teacher.source)):
+  teacher_kind, teacher_path = config.teacher.source, "teacher.path"
+  if teacher_kind == "build" and config.teacher.build.get("init", "fresh") != "fresh":
+    # built from a pretrained start: teacher.model overrides the start's config
+    teacher_kind, teacher_path = config.teacher.build.init, "teacher.build.init_path"
+  for who, kind, where in (("student", config.student.init, "student.path"),
+                           ("teacher", teacher_kind, teacher_path)):
+    path = _get(config, where) if kind in ("hf", "checkpoint", "gguf") else ""
     if kind in ("hf", "checkpoint"):
-      path = config[who].path
-      _need(bool(path) and os.path.isdir(os.path.expanduser(path)), f"{who}.path",
+      _need(bool(path) and os.path.isdir(os.path.expanduser(path)), where,
             f"{kind} directory {path!r} does not exist")
     if kind == "gguf":
-      path = config[who].path
-      _need(bool(path) and os.path.isfile(os.path.expanduser(path)), f"{who}.path",
+      _need(bool(path) and os.path.isfile(os.path.expanduser(path)), where,
             f"GGUF file {path!r} does not exist")
     if kind in ("hf", "gguf"):  # the model fields given override the file's config
       known = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -88,7 +88,12 @@ def built_teacher(model: dict, *, cache_dir: str = "", **build) -> dict:
   ``grpo_steps`` of GRPO on its own rollouts), keeping the parameters that score best on
   the selection split (``eval.select_split``, else the training split) along the way,
   and caches in ``cache_dir`` (default ``<workdir>/teacher``)."""
-  defaults = dict(seed=0, demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
+  defaults = dict(seed=0,
+                  # where the build starts: "fresh" (a new model of ``model``'s shape) or a
+                  # pretrained one, "hf" / "gguf" / "checkpoint" at ``init_path`` (then
+                  # ``model`` holds overrides of its config, e.g. dtype)
+                  init="fresh", init_path="",
+                  demo_episodes=512, sft_steps=150, batch_size=32, learning_rate=3e-3,
                   expert_noise=0.3,  # share of random commands in the demos (DART)
                   grpo_steps=0, grpo_learning_rate=5e-4,
                   # keep the build's best parameters on the selection split, scored every

@@ -245,6 +245,8 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
                                 key(config.seed, Stream.POLICY, step),
                                 SamplingParams(temperature=r.temperature), r.tasks_per_step,
                                 r.group_size)
+  jax.block_until_ready(traj)
+  rollout_seconds = time.perf_counter() - t0
   valid = traj.row_valid.astype(jnp.float32)  # episodes lost to a worker do not count
   per_episode = jnp.sum(traj.invalid * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   metrics = dict(summarize(traj), generated_tokens=traj.num_tokens,
@@ -263,6 +265,7 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
   seconds = time.perf_counter() - t0
   metrics["tokens_per_s"] = metrics.pop("generated_tokens") / seconds
   metrics["step_seconds"] = seconds
+  metrics["seconds/rollout"] = rollout_seconds
   return state, metrics
 
 

@@ -18,6 +18,7 @@ Adding a method: one entry in :data:`METHODS`; a new term adds its settings to
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -232,8 +233,13 @@ class Update:
 
   def __call__(self, state: steps.TrainState, batch: Trajectory, key: jax.Array,
                teacher: tuple | None = None):
+    """Also returns where the time went: ``seconds/score`` (the teacher's scoring and a
+    recomputed pi_old) and ``seconds/update`` (advantages and the optimizer steps)."""
+    t0 = time.perf_counter()
     if self.method.update == "supervised":
-      return steps.jit_sft_update(self.graphdef, self.tx, state, batch, key, self.walk)
+      state, upd = steps.jit_sft_update(self.graphdef, self.tx, state, batch, key, self.walk)
+      jax.block_until_ready(upd)
+      return state, {**upd, "seconds/score": 0.0, "seconds/update": time.perf_counter() - t0}
     if self.recompute:  # pi_old as the update's own forward computes it
       batch = batch._replace(behaviour_logp=steps.jit_score(
           self.graphdef, state.params, batch, temperature=self.loss.temperature,
@@ -244,13 +250,17 @@ class Update:
                                      chunks=self.score_chunks)
     else:  # the policy's own log-probs: the sampled OPD term is exactly 0
       teacher_logp = batch.behaviour_logp
+    jax.block_until_ready((teacher_logp, batch.behaviour_logp))
+    t1 = time.perf_counter()
     kappa, rho = self.sched.kappa(state.step), self.sched.rho(state.step)
     adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
     t_graph, t_params = teacher if self.distill is not None else (None, None)
     state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
                                          self.loss, self.walk, self.distill, t_graph, t_params,
                                          weights)
-    return state, {**metrics, **upd}
+    jax.block_until_ready(upd)
+    return state, {**metrics, **upd, "seconds/score": t1 - t0,
+                   "seconds/update": time.perf_counter() - t1}
 
 
 def make_update(config: ml_collections.ConfigDict, method: str | Method, graphdef, *,

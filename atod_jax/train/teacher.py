@@ -1,7 +1,7 @@
 """The frozen teacher: loaded from a directory, or built once and cached.
 
-Building (``teacher.source = "build"``): a model of ``teacher.model`` shape is trained by
-behaviour cloning on expert demonstrations of training tasks, optionally followed by
+Building (``teacher.source = "build"``): a model of ``teacher.model`` shape (or a
+pretrained one, ``teacher.build.init`` / ``init_path``) is trained by behaviour cloning on expert demonstrations of training tasks, optionally followed by
 ``teacher.build.grpo_steps`` GRPO steps on its own rollouts (as the paper's teachers
 were), then saved with the fingerprint of everything that shaped it; a later run whose
 fingerprint matches loads it instead of building again. The student's optional warm
@@ -135,11 +135,17 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 def _build(config, source, cache: str, say) -> tuple:
   b = config.teacher.build
-  cfg = ModelConfig(**config.teacher.model)
   start = time.time()
-  graphdef, params = model_io.fresh(cfg, key(b.seed, Stream.TEACHER_INIT))
-  say(f"teacher: building ({cfg.num_layers} layers, hidden {cfg.hidden_size}) by behaviour "
-      f"cloning on {b.demo_episodes} expert episodes for {b.sft_steps} steps")
+  init = b.get("init", "fresh")
+  if init == "fresh":
+    cfg = ModelConfig(**config.teacher.model)
+    graphdef, params = model_io.fresh(cfg, key(b.seed, Stream.TEACHER_INIT))
+    origin = ""
+  else:  # a pretrained start
+    graphdef, params, cfg = model_io.load(init, b.init_path, config.teacher.model.to_dict())
+    origin = f" from {os.path.basename(os.path.normpath(b.init_path))}"
+  say(f"teacher: building ({cfg.num_layers} layers, hidden {cfg.hidden_size}{origin}) by "
+      f"behaviour cloning on {b.demo_episodes} expert episodes for {b.sft_steps} steps")
   sft = ml_collections.ConfigDict(dict(steps=b.sft_steps, demo_episodes=b.demo_episodes,
                                        batch_size=b.batch_size, learning_rate=b.learning_rate,
                                        expert_noise=b.expert_noise))

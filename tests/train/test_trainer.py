@@ -46,7 +46,8 @@ def _run(workdir, teacher_dir, *extra, check=True):
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     recs = [json.loads(line) for line in f if line.strip()]
-  return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+  return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("seconds/")}
+          for r in recs]
 
 
 def _student_params(workdir):

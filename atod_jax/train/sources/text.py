@@ -122,7 +122,9 @@ class TextSource:
                split: str | None = None):
     """The first ``episodes`` tasks of ``split`` (default ``env.eval_split``; all of them
     if fewer), in batches of ``env.eval_batch`` (the episodes of one host rollout); adds
-    ``success/<type>`` where the env has task types."""
+    ``success/<type>`` where the env has task types and ``format_error_rate``, the share
+    of turns whose answer held no command (``invalid_rate`` also counts commands the
+    environment does not admit)."""
     model = self._model(graphdef, params)
     split = split or self.config.env.eval_split
     n = min(episodes, self.num_eval if split == self.config.env.eval_split
@@ -130,6 +132,7 @@ class TextSource:
     batch = self.config.env.eval_batch
     sums: dict[str, float] = {}
     by_type: dict[str, list[bool]] = {}
+    format_errors = turns = 0
     for start in range(0, n, batch):
       ids = list(range(start, min(n, start + batch)))
       traj, infos = host_rollout(model, self.codec, self.pool, split, ids,
@@ -138,10 +141,14 @@ class TextSource:
                                  mesh=self.mesh, invalid_penalty=self.penalty)
       for k, v in jax.device_get(summarize(traj)).items():
         sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
+      format_errors += sum(info.get("format_errors", 0) for info in infos)
+      turns += int(np.asarray(traj.num_turns).sum())
       for info, w in zip(infos, np.asarray(traj.won)):
         if "task_type" in info:
           by_type.setdefault(info["task_type"], []).append(bool(w))
     out = {k: v / n for k, v in sums.items()}
+    # answers with no command in them (invalid_rate also counts inadmissible commands)
+    out["format_error_rate"] = format_errors / max(turns, 1)
     out.update({f"success/{t}": float(np.mean(w)) for t, w in sorted(by_type.items())})
     return out
 
