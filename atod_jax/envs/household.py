@@ -102,6 +102,8 @@ class HouseholdParams:
   num_objects: int = 4  # <= O_MAX, including the goal objects
   task_types: tuple[str, ...] = ("pick", "clean", "heat", "cool")
   max_turns: int = 30
+  # objects of the goal type to put away (pick2: at least two): more is a longer task
+  goal_count: int = 1
 
   def __post_init__(self):
     if not 5 <= self.num_receptacles <= R_MAX:
@@ -113,6 +115,11 @@ class HouseholdParams:
       raise ValueError(f"task_types must be a non-empty subset of {TASK_TYPES}, got {bad}")
     if self.max_turns < 1:
       raise ValueError("max_turns must be >= 1")
+    if not 1 <= self.goal_count <= min(self.num_objects, len(NUMBERS)):
+      raise ValueError(f"goal_count must be in [1, num_objects={self.num_objects}], got "
+                       f"{self.goal_count}")
+    if "pick2" in self.task_types and self.num_objects < 2:
+      raise ValueError("pick2 needs num_objects >= 2")
 
   @classmethod
   def preset(cls, name: str) -> "HouseholdParams":
@@ -120,6 +127,8 @@ class HouseholdParams:
         "easy": cls(5, 2, ("pick",), 15),
         "medium": cls(6, 4, ("pick", "clean", "heat", "cool"), 30),
         "hard": cls(10, 8, TASK_TYPES, 50),
+        # three objects to clean / heat / cool and put away: the expert needs 15-24 turns
+        "long": cls(8, 6, ("clean", "heat", "cool"), 30, goal_count=3),
     }
     if name not in presets:
       raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
@@ -188,11 +197,10 @@ def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> Stat
   rec_num = _numbered(rec_type, R_MAX)
   appliance = (rec_type == SINK) | (rec_type == MICROWAVE) | (rec_type == FRIDGE)
 
-  # objects: goal objects first (two for pick2), then random others
-  pick2 = goal[0] == TASK_TYPES.index("pick2")
+  # objects: goal objects first (goal_count of them, two at least for pick2), then
+  # random others
   others = jax.random.choice(k_obj, len(OBJECTS), (O_MAX,), replace=True)
-  obj_type = jnp.where(jnp.arange(O_MAX) == 0, goal[1],
-                       jnp.where((jnp.arange(O_MAX) == 1) & pick2, goal[1], others))
+  obj_type = jnp.where(jnp.arange(O_MAX) < _need(params, goal), goal[1], others)
   obj_type = jnp.where(jnp.arange(O_MAX) < no, obj_type, -1).astype(jnp.int32)
   obj_num = _numbered(obj_type, O_MAX)
   # objects start in non-appliance receptacles that are not of the goal type
@@ -267,9 +275,14 @@ def _done_objects(state: State) -> jax.Array:
   return (state.obj_type == otype) & (placed_rec == rtype) & cond
 
 
-def goal_satisfied(state: State) -> jax.Array:
-  need = jnp.where(state.goal[0] == TASK_TYPES.index("pick2"), 2, 1)
-  return jnp.sum(_done_objects(state)) >= need
+def _need(params: HouseholdParams, goal: jax.Array) -> jax.Array:
+  """How many objects the goal asks for."""
+  pick2 = goal[0] == TASK_TYPES.index("pick2")
+  return jnp.where(pick2, max(2, params.goal_count), params.goal_count)
+
+
+def goal_satisfied(params: HouseholdParams, state: State) -> jax.Array:
+  return jnp.sum(_done_objects(state)) >= _need(params, state.goal)
 
 
 def step(params: HouseholdParams, state: State, action: jax.Array) -> tuple[State, StepOut]:
@@ -317,7 +330,7 @@ def step(params: HouseholdParams, state: State, action: jax.Array) -> tuple[Stat
       obj_cool=state.obj_cool | (valid & apply_ok & (verb == V_COOL) & obj_mask),
       turn=state.turn + live.astype(jnp.int32),
   )
-  won = live & goal_satisfied(new)
+  won = live & goal_satisfied(params, new)
   done = state.done | won | (new.turn >= params.max_turns)
   new = new._replace(done=done, won=state.won | won)
   kind = jnp.select([~valid, go_ok, open_ok, close_ok, take_ok, put_ok, apply_ok,
@@ -448,12 +461,15 @@ def _rec_listing(state):
   return parts
 
 
-def task_tokens(state: State) -> jax.Array:
-  """The goal as words: "put a clean mug in/on cabinet"."""
+def task_tokens(state: State, goal_count: int = 1) -> jax.Array:
+  """The goal as words: "put a clean mug in/on cabinet" ("put two mug ...", "put 3 hot
+  mug ..." for more than one)."""
   task, otype, rtype = state.goal[0], state.goal[1], state.goal[2]
   adjective = jnp.select([task == 1, task == 2, task == 3], [WORD_ID["clean"], WORD_ID["hot"],
                                                              WORD_ID["cool"]], PAD)
-  parts = [(_w("put"), True), (_w("two"), task == 4), (_w("a"), task != 4),
+  need = jnp.where(task == 4, max(2, goal_count), goal_count)
+  count = jnp.asarray(_NUM_WORD)[jnp.clip(need - 1, 0, 8)]
+  parts = [(_w("put"), True), (count, need > 2), (_w("two"), need == 2), (_w("a"), need == 1),
            (adjective, task != 0), (jnp.asarray(_OBJ_WORD)[otype], True),
            (_w("in/on"), True), (jnp.asarray(_REC_WORD)[rtype], True)]
   parts = [(t, m & (t != PAD)) for t, m in parts]
@@ -464,7 +480,6 @@ def observe(params: HouseholdParams, state: State, event: jax.Array) -> jax.Arra
   """The observation text of ``event`` (from :class:`StepOut`) as ``[OBS_LEN]`` word ids.
 
   ``event = initial_event()`` gives the first observation of an episode."""
-  del params
   kind, verb, obj, rec = event[0], event[1], event[2], event[3]
   r = jnp.maximum(rec, 0)
   o = jnp.maximum(obj, 0)
@@ -482,7 +497,7 @@ def observe(params: HouseholdParams, state: State, event: jax.Array) -> jax.Arra
           "around", "you", ",", "you", "see"), kind == E_START),
       *[(t, m & (kind == E_START)) for t, m in _rec_listing(state)],
       (_w(".", "your", "task", "is", "to", ":"), kind == E_START),
-      (task_tokens(state), kind == E_START),
+      (task_tokens(state, params.goal_count), kind == E_START),
       (_w("nothing", "happens"), kind == E_NOTHING),
       (jnp.concatenate([_w("you", "arrive", "at"), rw, _w(".")]), kind == E_ARRIVE),
       (jnp.concatenate([_w("you", "open", "the"), rw, _w(".")]), kind == E_OPEN),

@@ -62,7 +62,7 @@ INVALID_PENALTY = 0.1
 
 
 def household_env(preset: str = "easy", obs_len: int = 24) -> dict:
-  """The on-device household family (``easy`` / ``medium`` / ``hard``); ``obs_len``
+  """The on-device household family (``easy`` / ``medium`` / ``hard`` / ``long``); ``obs_len``
   words of each answer kept."""
   return dict(kind="household", preset=preset, obs_len=obs_len,
               invalid_penalty=INVALID_PENALTY)

@@ -9,7 +9,7 @@ import pytest
 from atod_jax.envs import household as hh
 from atod_jax.envs.household_text import HouseholdTextEnv, task_key
 
-PRESETS = ("easy", "medium", "hard")
+PRESETS = ("easy", "medium", "hard", "long")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -54,6 +54,20 @@ def test_random_policy_rarely_succeeds(preset):
   print(f"\n{preset}: random admissible policy success {rate:.1%} (256 tasks, "
         f"{params.max_turns} turns)")
   assert rate < 0.1
+
+
+def test_long_preset_needs_long_episodes():
+  # three objects to treat and put away: every expert episode takes 15+ turns (the
+  # other presets' take 4-9), and the task says how many
+  params = hh.HouseholdParams.preset("long")
+  keys = jax.vmap(lambda i: task_key(3, i))(jnp.arange(256))
+  won, _, turns = _rollout(params, keys, "train", "expert")
+  assert bool(jnp.all(won)) and int(jnp.min(turns)) >= 15
+  obs = hh.observe(params, hh.reset(params, keys[0], "train"), hh.initial_event())
+  task = hh.decode(obs).split("your task is to:")[1].strip()
+  assert task.startswith("put 3 ") and task.split()[2] in ("clean", "hot", "cool"), task
+  with pytest.raises(ValueError, match="goal_count"):
+    hh.HouseholdParams(num_objects=2, goal_count=3)
 
 
 def test_splits_are_disjoint():
