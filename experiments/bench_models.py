@@ -14,6 +14,14 @@ continuation next to re-prefilling the history each turn.
     python experiments/bench_models.py            # all rows
     python experiments/bench_models.py --no-torch # skip the transformers rows
     python experiments/bench_models.py --dtype bfloat16   # accelerator default
+    python experiments/bench_models.py --smollm2  # a real model: SmolLM2-135M-Instruct
+
+``--smollm2`` (the `pretrained` extra): sampled decoding (T=1.0, no top-k / top-p) of
+the real SmolLM2-135M-Instruct at batch 1, 16 and 64 (prompt 64, 64 new tokens), f32,
+against transformers `generate` on the same dequantized weights (its own GGUF loader)
+and against llama.cpp (`llama-cpp-python`) on the original Q4_1 file: the tool a CPU
+user would pick for it. llama-cpp-python's API samples one sequence at a time, so its
+batch rows are the sequences one after another.
 """
 from __future__ import annotations
 
@@ -204,6 +212,84 @@ def bench_turns(model, cfg, batch, turns=20, obs=32, act=16, prompt_len=64):
   return continuation(), reprefill()
 
 
+def bench_smollm2(batches=(1, 16, 64), prompt_len=64, new=64, repeats=3):
+  from atod_jax.models.gguf import load_gguf, smollm2_path
+  path = smollm2_path()
+  model = load_gguf(path, dtype="float32")
+  cfg = model.cfg
+  rng = np.random.default_rng(0)
+  prompts = {b: rng.integers(100, cfg.vocab_size, (b, prompt_len)) for b in batches}
+  eos = cfg.eos_token_ids[0]
+  fns = {}
+  for b in batches:
+    def ours(b=b):
+      t0 = time.perf_counter()
+      smp.generate(model, jnp.asarray(prompts[b]), jax.random.key(1), new,
+                   smp.SamplingParams(1.0)).tokens.block_until_ready()
+      return time.perf_counter() - t0
+    fns[("atod_jax", b)] = ours
+  try:
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    for b in batches:
+      def theirs(b=b):
+        x = torch.tensor(prompts[b])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+          hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                      min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                      pad_token_id=eos)
+        return time.perf_counter() - t0
+      fns[("transformers", b)] = theirs
+  except ImportError:
+    pass
+  try:
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=512, n_threads=os.cpu_count(), n_batch=512,
+                seed=1, verbose=False)
+    for b in batches:
+      def llama(b=b):
+        t0 = time.perf_counter()
+        made = 0
+        for row in prompts[b]:
+          out = llm.create_completion(row.tolist(), max_tokens=new, temperature=1.0, top_k=0,
+                                      top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                      logit_bias={eos: -1e9})
+          made += out["usage"]["completion_tokens"]
+        assert made == b * new, made
+        return time.perf_counter() - t0
+      fns[("llama.cpp Q4_1", b)] = llama
+  except ImportError:
+    pass
+  return cfg, interleaved(fns, repeats)
+
+
+def main_smollm2():
+  dev = jax.devices()[0]
+  before = matmul_ceiling(jnp.float32)
+  batches, new = (1, 16, 64), 64
+  cfg, best = bench_smollm2(batches, new=new)
+  after = matmul_ceiling(jnp.float32)
+  print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}, {os.cpu_count()} "
+        f"CPU threads; SmolLM2-135M-Instruct ({cfg.num_params() / 1e6:.1f}M params), f32")
+  print(f"f32 matmul ceiling (2048^3, this run): {max(before, after):.0f} GFLOP/s (measured "
+        f"{before:.0f} before and {after:.0f} after)\n")
+  print(f"Sampled decoding (T=1.0), prompt 64, {new} new tokens a row, prefill included; new "
+        "tokens/s (best of 3 interleaved runs):\n")
+  tools = [t for t in ("atod_jax", "transformers", "llama.cpp Q4_1")
+           if any(k[0] == t for k in best)]
+  print("| batch | " + " | ".join(tools) + " | " +
+        " | ".join(f"atod_jax / {t}" for t in tools[1:]) + " |")
+  print("|---:|" + "---:|" * (2 * len(tools) - 1))
+  for b in batches:
+    rate = {t: b * new / best[(t, b)] for t in tools}
+    print(f"| {b} | " + " | ".join(f"{rate[t]:.0f}" for t in tools) + " | " +
+          " | ".join(f"{rate['atod_jax'] / rate[t]:.2f}x" for t in tools[1:]) + " |")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=64)
@@ -213,7 +299,11 @@ def main():
   ap.add_argument("--turn-batch", type=int, default=16,
                   help="batch of the 20-turn episode (the re-prefill baseline is costly)")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--smollm2", action="store_true",
+                  help="the SmolLM2-135M-Instruct table only (needs the pretrained extra)")
   args = ap.parse_args()
+  if args.smollm2:
+    return main_smollm2()
   cfg = W.replace(dtype=args.dtype)
   dev = jax.devices()[0]
   before = matmul_ceiling(jnp.dtype(args.dtype))

@@ -48,8 +48,9 @@ def behaviour_clone(config, graphdef, params, source, *, sft, seed: int,
   episodes = int(valid.sum())
   # warm-up then cosine decay: a constant rate leaves the clone's success swinging by tens
   # of points from one step to the next
+  warmup = max(1, sft.steps // 10) if sft.steps > 1 else 0  # (one step: no warm-up)
   tx = optax.adam(optax.warmup_cosine_decay_schedule(
-      0.0, sft.learning_rate, max(1, sft.steps // 10), sft.steps, sft.learning_rate * 0.05))
+      0.0, sft.learning_rate, warmup, sft.steps, sft.learning_rate * 0.05))
   once = ml_collections.ConfigDict(dict(minibatches=1, epochs=1))
   update = methods.make_update(config, "sft", graphdef, max_turns=source.max_turns,
                                optim=once, tx=tx)

@@ -128,7 +128,7 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
          f"--workdir={work}", f"--config.student.path={hf}", f"--config.teacher.path={hf}",
          "--config.student.model.dtype=float32", "--config.teacher.model.dtype=float32",
          f"--config.env.options.corpus={hotpot}", "--config.env.workers=2",
-         "--config.env.prompt_len=384", "--config.env.response_len=16",
+         "--config.env.prompt_len=384", "--config.env.response_len=32",
          "--config.env.eval_batch=4", "--config.optim.microbatches=2",
          "--config.rollout.tasks_per_step=2", "--config.rollout.group_size=2",
          "--config.optim.minibatches=2", "--config.optim.learning_rate=1e-3",
@@ -138,3 +138,47 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
   exported = load_pretrained(os.path.join(work, "student_hf"), dtype="float32")
   assert exported.cfg.vocab_size == tok.vocab_size
   assert os.path.exists(os.path.join(work, "student_hf", "tokenizer.json"))
+
+
+def _smollm2_missing():
+  try:
+    from atod_jax.models.gguf import smollm2_path
+    smollm2_path()
+    return _needs("alfworld")
+  except (ImportError, FileNotFoundError):
+    return True
+
+
+@pytest.mark.slow  # ~3 min and ~9 GB on a 2-core CPU (compiling a 30-layer model's steps)
+@pytest.mark.skipif(_smollm2_missing(), reason="needs the pretrained and alfworld extras")
+@_data("alfworld", "json_2.1.1")
+def test_alfworld_smollm2_pretrained_student(tmp_path):
+  # the real SmolLM2-135M-Instruct (GGUF) as student, its tokenizer and chat template for
+  # the paper's windowed prompts, a teacher built from it by behaviour cloning, two ATOD
+  # steps on real ALFWorld games
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "atod_jax.main", f"--config={ROOT}/configs/alfworld_smollm2.py",
+         f"--workdir={workdir}", "--config.train.steps=2", "--config.train.eval_every=2",
+         "--config.train.checkpoint_every=1", "--config.teacher.build.sft_steps=1",
+         "--config.teacher.build.demo_episodes=1", "--config.teacher.build.batch_size=1",
+         "--config.teacher.build.select_every=0", "--config.rollout.tasks_per_step=1",
+         "--config.rollout.group_size=2", "--config.env.max_turns=2",
+         "--config.env.response_len=32", "--config.eval.episodes=1", "--config.env.eval_batch=1",
+         "--config.eval.select_split=", "--config.eval.report_splits=()",
+         "--config.optim.minibatches=1", "--config.optim.microbatches=1"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "from SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stdout + proc.stderr
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train] == [0, 1]
+  for r in train:  # the teacher scored the student's tokens and the update ran
+    assert r["response_tokens"] > 0 and r["grad_norm"] > 0 and r["seconds/score"] > 0
+  evals = [r for r in records if r["kind"] == "eval"]
+  assert 0.0 <= evals[-1]["eval/format_error_rate"] <= 1.0
+  # the trained student is exported with the GGUF's tokenizer, readable by transformers
+  out = workdir / "student_hf"
+  assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
+  from atod_jax.models import Tokenizer
+  assert "<|im_start|>" in Tokenizer.from_pretrained(out).chat_template
