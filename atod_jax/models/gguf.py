@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's format) in: model config, weights and tokenizer.
 
-``load_gguf(path)`` builds a :class:`DecoderLM` from a GGUF file and
-``Tokenizer.from_gguf(path)`` its tokenizer; ``convert_gguf(path, out_dir)`` writes both
-as an HF directory, which every other part of atod_jax (and ``transformers``) reads.
+``load_gguf(path)`` builds a :class:`~atod_jax.models.decoder.DecoderLM` from a GGUF
+file and ``Tokenizer.from_gguf(path)`` its tokenizer;
+:func:`atod_jax.models.convert.convert_gguf` writes both as an HF directory, which every
+other part of atod_jax (and ``transformers``) reads.
 The file is read with the ``gguf`` package (``pip install "atod_jax[pretrained]"``): its
 metadata gives the config, its tensors are dequantized to float32 one block of rows at a
 time, and each device reads only the rows of its own shard, as with safetensors.
@@ -10,8 +11,6 @@ time, and each device reads only the rows of its own shard, as with safetensors.
 Architectures: ``llama`` (its attention Q/K rows are stored in llama.cpp's interleaved
 RoPE order and are put back in HF order here), ``qwen2``, ``qwen3``, ``qwen3moe``.
 Quantizations: :data:`QUANT_TYPES`. Anything else fails with one line naming it.
-
-    python -m atod_jax.models.gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2-hf/
 """
 from __future__ import annotations
 
@@ -272,7 +271,7 @@ class GGUFCheckpoint:
 
 
 def load_gguf(path: str | os.PathLike, *, mesh=None, rules=None, **config_overrides):
-  """Loads a GGUF file into a :class:`DecoderLM`, dequantized to the parameters' dtype
+  """Loads a GGUF file into a :class:`~atod_jax.models.decoder.DecoderLM`, dequantized to the parameters' dtype
   (``param_dtype``, float32 by default).
 
   Args:
@@ -290,21 +289,6 @@ def load_gguf(path: str | os.PathLike, *, mesh=None, rules=None, **config_overri
   cfg = config_from_gguf(path, **config_overrides)
   return hf.load_from(cfg, GGUFCheckpoint(path, cfg), mesh=mesh,
                       rules=DEFAULT_RULES if rules is None else rules)
-
-
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 dtype: str | None = None) -> str:
-  """Writes the GGUF file as an HF directory (safetensors, ``config.json``,
-  ``tokenizer.json``, ``tokenizer_config.json`` with the chat template,
-  ``generation_config.json``) that :func:`load_pretrained`, the trainer's ``hf`` model
-  source and ``transformers`` read. ``dtype``: of the written weights (default
-  float32). Returns ``out_dir``."""
-  from atod_jax.models.hf import save_pretrained
-  from atod_jax.models.tokenizer import Tokenizer
-  model = load_gguf(path, dtype="float32")
-  save_pretrained(model, out_dir, dtype=dtype)
-  Tokenizer.from_gguf(path).save_pretrained(out_dir)
-  return os.fspath(out_dir)
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -383,24 +367,3 @@ def tokenizer_parts(path: str | os.PathLike):
   if meta.get("tokenizer.ggml.bos_token_id") is not None:
     generation["bos_token_id"] = int(meta["tokenizer.ggml.bos_token_id"])
   return tok, config, generation, meta.get("tokenizer.chat_template")
-
-
-def _main(argv=None):
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m atod_jax.models.gguf",
-      description="Write a GGUF file as an HF directory (safetensors, config, tokenizer).")
-  parser.add_argument("gguf_file")
-  parser.add_argument("out_dir")
-  parser.add_argument("--dtype", default=None, help="dtype of the written weights "
-                      "(default float32)")
-  args = parser.parse_args(argv)
-  cfg = config_from_gguf(args.gguf_file)
-  print(f"{args.gguf_file}: {cfg.model_type}, {cfg.num_layers} layers, hidden "
-        f"{cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M parameters")
-  convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-  print(f"wrote {args.out_dir}")
-
-
-if __name__ == "__main__":
-  _main()

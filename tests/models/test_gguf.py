@@ -16,8 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from atod_jax.models import Tokenizer  # noqa: E402
-from atod_jax.models.gguf import (GGUFError, config_from_gguf, convert_gguf,  # noqa: E402
-                                  load_gguf, smollm2_path)
+from atod_jax.models.gguf import GGUFError, config_from_gguf, load_gguf, smollm2_path  # noqa: E402
 from tests.models.gguf_fixtures import tiny_model, write_gguf  # noqa: E402
 
 CASES = [  # (architecture, quantization, hidden size: K-quant rows need multiples of 256)
@@ -86,7 +85,12 @@ def test_tokenizer_and_template_match_transformers(tmp_path):
 def test_convert_writes_a_directory_transformers_and_we_read(tmp_path):
   path = _write(tmp_path, "llama", "Q4_0", 64)
   out = tmp_path / "hf"
-  convert_gguf(path, out)
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "atod_jax.models.convert", str(path), str(out)],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "llama, 2 layers, hidden 64" in proc.stdout
   tokens = np.random.default_rng(2).integers(0, 160, (2, 16))
   with torch.no_grad():
     want = _transformers(path)(torch.tensor(tokens)).logits.numpy()
