@@ -171,6 +171,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(refer
     ("--config.objective.rho_max=-2.0", "config.objective.rho_max"),
     ("--config.env.preset=extreme", "config.env"),
     ("--config.env.invalid_penalty=-1.0", "config.env.invalid_penalty"),
+    ("--config.student.init=gguf", "config.student.path"),  # no GGUF file
+    ("--config.teacher.build.init=hub", "config.teacher.build.init"),
+    ("--config.teacher.build.init=gguf", "config.teacher.build.init_path"),
 ])
 def test_bad_config_fails_in_one_line(override, field):
   config = tiny_config.get_config()
