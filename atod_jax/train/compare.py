@@ -14,6 +14,7 @@ import json
 import os
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 
@@ -82,6 +83,10 @@ def run_methods(base, workdir: str, methods: Sequence[str], seeds: Sequence[int]
           config.teacher.cache_dir = os.path.join(workdir, "teacher")
         say(f"== {method}, seed {seed} -> {run_dir}")
         train(config, run_dir, quiet=True)
+        # each run compiles its own functions; XLA:CPU maps every compiled program's code
+        # into memory, and ~17 quickstart runs in one process exhausted the mappings
+        # (LLVM: "Unable to allocate section memory"): drop them between runs
+        jax.clear_caches()
       with open(summary_file) as f:
         results[method].append(json.load(f))
   return results
