@@ -6,7 +6,7 @@ Needs the `alfworld` extra and the games (../shared/data/alfworld/json_2.1.1, or
 $ALFWORLD_DATA/json_2.1.1, or --config.env.options.data_dir=...). Trains on valid_train
 (200 games), evaluates on valid_seen (140) with per-task-type success. The paper's
 limit is 50 turns; 30 here keeps a CPU run short (--config.env.max_turns=50 for the
-paper's). ALFWorld itself is slow (2-3 s a reset, ~65 ms a step): most of a step's time
+paper's). ALFWorld itself is slow (0.65 s to reset a new game, ~65 ms a step): most of a step's time
 is the environment.
 """
 from atod_jax.train import defaults as d

@@ -82,10 +82,10 @@ def test_webshop_tiny(tmp_path):
   _run("webshop_tiny.py", tmp_path / "run", "--config.env.max_turns=6")
 
 
-@pytest.mark.slow  # ~2 min: ALFWorld resets take 2-3 s a game (pytest -m slow)
+@pytest.mark.slow  # ~2 min: ALFWorld resets are slow (pytest -m slow)
 @pytest.mark.skipif(_needs("alfworld"), reason="needs the alfworld extra")
 def test_alfworld_tiny_reports_task_types(tmp_path):
-  # ALFWorld resets take 2-3 s a game: as few episodes as a real run allows
+  # ALFWorld resets are slow: as few episodes as a real run allows
   records, _ = _run("alfworld_tiny.py", tmp_path / "run", "--config.env.max_turns=4",
                     "--config.student.init=fresh", "--config.env.tokenizer_episodes=2",
                     "--config.teacher.build.demo_episodes=2", "--config.eval.episodes=2")
