@@ -127,7 +127,7 @@ class HouseholdParams:
         "easy": cls(5, 2, ("pick",), 15),
         "medium": cls(6, 4, ("pick", "clean", "heat", "cool"), 30),
         "hard": cls(10, 8, TASK_TYPES, 50),
-        # three objects to clean / heat / cool and put away: the expert needs 15-24 turns
+        # three objects to clean / heat / cool and put away: the expert needs 18-20 (p10-p90)
         "long": cls(8, 6, ("clean", "heat", "cool"), 30, goal_count=3),
     }
     if name not in presets:

@@ -89,13 +89,12 @@ def load(kind: str, path: str, overrides: dict | None = None, mesh=None):
   every parameter is placed on its shards as it is read (no device holds a full copy of
   a sharded tensor)."""
   path = os.path.abspath(os.path.expanduser(path))
-  if kind == "hf":
-    model = hf.load_pretrained(path, mesh=mesh, **{"dtype": "bfloat16", **(overrides or {})})
-    graphdef, params = nnx.split(model)
-    return graphdef, params, model.cfg
-  if kind == "gguf":
-    from atod_jax.models.gguf import load_gguf
-    model = load_gguf(path, mesh=mesh, **{"dtype": "bfloat16", **(overrides or {})})
+  if kind in ("hf", "gguf"):
+    if kind == "hf":
+      loader = hf.load_pretrained
+    else:
+      from atod_jax.models.gguf import load_gguf as loader
+    model = loader(path, mesh=mesh, **{"dtype": "bfloat16", **(overrides or {})})
     graphdef, params = nnx.split(model)
     return graphdef, params, model.cfg
   cfg = config_of(kind, path)

@@ -22,8 +22,10 @@ from atod_jax.train.checks import ConfigError, choice as _choice, get as _get, n
 from atod_jax.train.checks import number
 from atod_jax.train.methods import validate_objective
 
-STUDENT_INITS = ("fresh", "sft", "hf", "gguf", "checkpoint")
-TEACHER_SOURCES = ("build", "hf", "gguf", "checkpoint")
+MODEL_FILES = ("hf", "gguf", "checkpoint")  # what atod_jax.models.checkpoint.load reads
+STUDENT_INITS = ("fresh", "sft") + MODEL_FILES
+TEACHER_SOURCES = ("build",) + MODEL_FILES
+TEACHER_STARTS = ("fresh",) + MODEL_FILES  # teacher.build.init
 
 
 def _positive(config, field: str, *, zero_ok: bool = False):
@@ -97,7 +99,7 @@ def _validate_models(config) -> None:
         _positive(config, f"teacher.build.{f}", zero_ok=True)
     _fraction(config, "teacher.build.expert_noise")
     if "init" in config.teacher.build:
-      _choice(config, "teacher.build.init", ("fresh", "hf", "gguf", "checkpoint"))
+      _choice(config, "teacher.build.init", TEACHER_STARTS)
   if config.student.init == "sft" or config.method == "sft":
     _need("sft" in config.student, "student.sft",
           f"missing (student.init={config.student.init!r}, method={config.method!r})")
@@ -108,7 +110,7 @@ def _validate_models(config) -> None:
     teacher_kind, teacher_path = config.teacher.build.init, "teacher.build.init_path"
   for who, kind, where in (("student", config.student.init, "student.path"),
                            ("teacher", teacher_kind, teacher_path)):
-    path = _get(config, where) if kind in ("hf", "checkpoint", "gguf") else ""
+    path = _get(config, where) if kind in MODEL_FILES else ""
     if kind in ("hf", "checkpoint"):
       _need(bool(path) and os.path.isdir(os.path.expanduser(path)), where,
             f"{kind} directory {path!r} does not exist")

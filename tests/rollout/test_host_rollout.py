@@ -62,8 +62,10 @@ def test_behaviour_logprobs_equal_a_full_forward(tmp_path):
 
 def test_expert_episodes_read_back_as_played(tmp_path):
   env, codec = _codec(tmp_path, turns=PARAMS.max_turns, response_len=24)
-  traj, _ = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0), sampling=None)
-  assert np.asarray(traj.won).all() and np.asarray(traj.row_valid).all()
+  traj, infos = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0),
+                             sampling=None)
+  assert np.asarray(traj.won).all()
+  assert [i["format_errors"] for i in infos] == [0, 0]  # the expert's answers all parse and np.asarray(traj.row_valid).all()
   episodes = list(collect_expert_episodes(HouseholdTextEnv(PARAMS, seed=0), "heldout", [0, 1]))
   tok = codec.tokenizer
   for row, ep in enumerate(episodes):
@@ -77,8 +79,10 @@ def test_expert_episodes_read_back_as_played(tmp_path):
 
 def test_expert_commands_that_do_not_fit_are_not_imitated(tmp_path):
   env, codec = _codec(tmp_path, turns=PARAMS.max_turns, response_len=5)
-  traj, _ = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0), sampling=None)
-  assert np.asarray(traj.won).all()  # the env played the whole commands
+  traj, infos = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0),
+                             sampling=None)
+  assert np.asarray(traj.won).all()
+  assert [i["format_errors"] for i in infos] == [0, 0]  # the expert's answers all parse  # the env played the whole commands
   tok = codec.tokenizer
   for row in range(2):
     gen = np.asarray(traj.tokens[row])[np.asarray(traj.gen_mask[row])]
@@ -150,10 +154,17 @@ def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
   from atod_jax.train import methods, steps
   env, codec = _window_codec(tmp_path)
   model = _model(codec, layers=2)
-  traj, _ = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
-                         sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
+  traj, infos = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
+                             sampling=SamplingParams(temperature=1.0), group_ids=[0, 0, 1, 1])
   b, k, s = traj.tokens.shape
   assert (b, k, s) == (4, 6, 512 + 40) and traj.windowed
+  # format errors: the turns whose answer the codec cannot read a command from, recounted
+  # from the recorded responses; a subset of the invalid turns
+  for row in range(b):
+    answers = [np.asarray(traj.tokens[row, t])[np.asarray(traj.gen_mask[row, t])]
+               for t in range(int(traj.num_turns[row]))]
+    recount = sum(codec.command(a) is None for a in answers)
+    assert infos[row]["format_errors"] == recount <= int(traj.invalid[row])
   # each segment read alone (its own sequence) gives the recorded behaviour log-probs
   full = token_logprobs(model, traj.tokens.reshape(-1, s), traj.valid.reshape(-1, s))
   np.testing.assert_allclose(np.where(traj.gen_mask, full.reshape(b, k, s), 0.0),
@@ -194,8 +205,10 @@ def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
 
 def test_windowed_expert_responses_and_history(tmp_path):
   env, codec = _window_codec(tmp_path, turns=PARAMS.max_turns, history=1)
-  traj, _ = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0), sampling=None)
+  traj, infos = host_rollout(None, codec, env, "heldout", [0, 1], jax.random.key(0),
+                             sampling=None)
   assert np.asarray(traj.won).all()
+  assert [i["format_errors"] for i in infos] == [0, 0]  # the expert's answers all parse
   episodes = list(collect_expert_episodes(HouseholdTextEnv(PARAMS, seed=0), "heldout", [0, 1]))
   tok = codec.tokenizer
   for row, ep in enumerate(episodes):
