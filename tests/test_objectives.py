@@ -285,6 +285,25 @@ def test_aggregations_hand_worked():
   assert float(obj.aggregate_tokens(v, jnp.zeros_like(m), "token_mean")) == 0.0
 
 
+@pytest.mark.parametrize("mode", obj.AGGREGATIONS)
+def test_aggregation_weights_split_the_aggregate_over_any_slices(mode):
+  """The weights turn each aggregation into a weighted sum: over the whole batch it is
+  aggregate_tokens (hand-worked rows above: an empty row, garbage off the mask), and
+  summed over column slices that cut rows apart it is still the same number."""
+  b = random_batch(3, 9, 40)
+  values, mask = jnp.asarray(b["logp"]), jnp.asarray(b["mask"])
+  w = obj.aggregation_weights(mask, mode)
+  want = float(obj.aggregate_tokens(values, mask, mode))
+  assert float(obj.weighted_sum(values, w)) == pytest.approx(want, rel=1e-6)
+  parts = sum(float(obj.weighted_sum(values[:, s:s + 7], w[:, s:s + 7])) for s in range(0, 40, 7))
+  assert parts == pytest.approx(want, rel=1e-5)
+  v = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+  m = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  hand = {"token_mean": 10 / 4, "seq_mean_token_mean": (2 + 4) / 2,
+          "seq_mean_token_sum": (6 + 4) / 2}[mode]
+  assert float(obj.weighted_sum(v, obj.aggregation_weights(m, mode))) == pytest.approx(hand)
+
+
 # ----------------------------------------------------------------- vocabulary divergences
 @pytest.mark.parametrize("kind", obj.DIVERGENCES)
 def test_vocab_divergence_matches_numpy(kind):

@@ -112,6 +112,10 @@ QUERY_BLOCK = 512  # most queries per attention block
 SCORE_BYTES = 2**28  # and fewer when [B, N, block, S] f32 scores would exceed this
 CAUSAL_BLOCKS = 4  # self-attention over a sequence: at least this many query blocks ...
 MIN_CAUSAL_BLOCK = 64  # ... of at least this many queries, each reading only its past
+# and at most this many (they are unrolled: more, e.g. 160 blocks of 16 queries for 80
+# rows of 2,560 tokens under SCORE_BYTES, take minutes to compile; then the blocks run in
+# a loop instead, each reading every key)
+MAX_CAUSAL_BLOCKS = 16
 
 
 def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
@@ -127,7 +131,8 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
   Returns ``[B, T, K, G, D]``. Self-attention over a whole sequence (``first_slot == 0``,
   ``S == T``: training and scoring) runs in query blocks that each read only the keys up
   to their last query, skipping the masked upper triangle (a third of the scores of W's
-  192-token step, close to half at 4096 tokens). Past ``QUERY_BLOCK`` queries the blocks
+  192-token step, close to half at 4096 tokens), where that takes at most
+  ``MAX_CAUSAL_BLOCKS`` blocks. Past ``QUERY_BLOCK`` queries the blocks
   are rematerialised in the backward pass, so memory is ``O(B N block S)`` instead of
   ``O(B N T S)``; the block shrinks (by powers of two, down to 16) to keep the f32
   scores of one block under ``SCORE_BYTES``.
@@ -149,9 +154,9 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(qb.dtype)
     return jnp.einsum("bkgcs,bskd->bckgd", probs, vs)
 
+  c = min(q_block, max(MIN_CAUSAL_BLOCK, -(-t // CAUSAL_BLOCKS)))
   if isinstance(first_slot, int) and first_slot == 0 and slots == t \
-      and t >= 2 * MIN_CAUSAL_BLOCK:
-    c = min(q_block, max(MIN_CAUSAL_BLOCK, -(-t // CAUSAL_BLOCKS)))
+      and t >= 2 * MIN_CAUSAL_BLOCK and -(-t // c) <= MAX_CAUSAL_BLOCKS:
     fn = jax.checkpoint(block, static_argnums=(1, 2)) if t > q_block else block
     return jnp.concatenate([fn(q[:, s:s + c], s, min(s + c, t)) for s in range(0, t, c)],
                            axis=1)

@@ -18,15 +18,17 @@ from atod_jax.objectives.advantages import (
 from atod_jax.objectives.distill import (
     DIVERGENCES, map_sequence_chunks, opd_signal, vocab_divergence)
 from atod_jax.objectives.policy_loss import (
-    AGGREGATIONS, aggregate_tokens, clipped_policy_loss)
+    AGGREGATIONS, ClippedTerms, aggregate_tokens, aggregation_weights, clipped_policy_loss,
+    clipped_token_terms, weighted_sum)
 from atod_jax.objectives.schedules import SHAPES, AnnealingSchedules, annealing_schedules
 from atod_jax.objectives.tdur import (
     MODES, TurnStatistics, minmax_normalize, tdur_weights, turn_statistics, turn_weights)
 
 __all__ = [
     "AGGREGATIONS", "DIVERGENCES", "ESTIMATORS", "MODES", "SHAPES", "STEP_NORMS",
-    "AnnealingSchedules", "TurnStatistics",
-    "aggregate_tokens", "annealing_schedules", "atod_advantages", "clipped_policy_loss",
+    "AnnealingSchedules", "ClippedTerms", "TurnStatistics",
+    "aggregate_tokens", "aggregation_weights", "annealing_schedules", "atod_advantages",
+    "clipped_policy_loss", "clipped_token_terms", "weighted_sum",
     "discounted_returns", "group_advantages", "step_advantages", "turn_values", "map_sequence_chunks", "minmax_normalize", "opd_signal",
     "tdur_weights", "turn_statistics", "turn_weights", "vocab_divergence",
 ]

@@ -1,7 +1,7 @@
 """The clipped policy-gradient surrogate (PPO / GRPO style) and token aggregation."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import chex
 import jax
@@ -38,6 +38,74 @@ def aggregate_tokens(
     row = row / jnp.maximum(row_n, 1.0)
   rows = (row_n > 0).astype(jnp.float32)
   return jnp.sum(row * rows) / jnp.maximum(jnp.sum(rows), 1.0)
+
+
+def aggregation_weights(mask: jax.Array,
+                        mode: Aggregation = "seq_mean_token_mean") -> jax.Array:
+  """Per-token weights ``w`` (``mask``'s shape ``[B, L]``) with
+  ``weighted_sum(values, w) == aggregate_tokens(values, mask, mode)`` for any ``values``:
+  the aggregation as a sum of weighted tokens. Computed once over a whole batch, they let
+  its tokens be processed in any slices (e.g. a window layout's turns) whose weighted sums
+  add up to the batch's aggregate: exact gradient accumulation."""
+  chex.assert_rank(mask, 2)
+  if mode not in AGGREGATIONS:
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+  m = (mask > 0).astype(jnp.float32)
+  if mode == "token_mean":
+    return m / jnp.maximum(jnp.sum(m), 1.0)
+  row_n = jnp.sum(m, axis=1, keepdims=True)
+  n_rows = jnp.maximum(jnp.sum((row_n > 0).astype(jnp.float32)), 1.0)
+  if mode == "seq_mean_token_mean":
+    return m / jnp.maximum(row_n, 1.0) / n_rows
+  return m / n_rows
+
+
+def weighted_sum(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum(values * weights)`` over the tokens with a weight (a value elsewhere, even a
+  NaN, takes no part), in float32."""
+  return jnp.sum(jnp.where(weights > 0, values.astype(jnp.float32), 0.0) * weights)
+
+
+class ClippedTerms(NamedTuple):
+  """Per-token pieces of the clipped surrogate (:func:`clipped_token_terms`)."""
+
+  loss: jax.Array  # the surrogate's per-token loss (0 off the mask)
+  clip_active: jax.Array  # bool: the clipped branch is the active one
+  dual_active: jax.Array  # bool: the dual clip bound is active
+  ratio: jax.Array  # pi_theta / pi_old (stop-gradient)
+  log_ratio: jax.Array  # its log (stop-gradient)
+
+
+def clipped_token_terms(logp, behaviour_logp, advantages, mask, clip_eps: float = 0.2, *,
+                        clip_eps_high: float | None = None,
+                        dual_clip: float | None = None) -> ClippedTerms:
+  """The per-token terms of :func:`clipped_policy_loss` (arrays of any one shape), before
+  aggregation."""
+  chex.assert_equal_shape([logp, behaviour_logp, advantages, mask])
+  eps_lo = clip_eps
+  eps_hi = clip_eps if clip_eps_high is None else clip_eps_high
+  if not (0.0 <= eps_lo < 1.0 and eps_hi >= 0.0):
+    raise ValueError(f"need 0 <= clip_eps < 1 and clip_eps_high >= 0, got {eps_lo}, {eps_hi}")
+  if dual_clip is not None and dual_clip <= 1.0:
+    raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+  on = mask > 0
+  adv = jax.lax.stop_gradient(jnp.where(on, advantages, 0.0)).astype(jnp.float32)
+  old = jax.lax.stop_gradient(jnp.where(on, behaviour_logp, 0.0)).astype(jnp.float32)
+  log_ratio = jnp.where(on, logp.astype(jnp.float32), 0.0) - old
+  log_ratio = jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+  ratio = jnp.exp(log_ratio)
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi)
+  per_token = jnp.maximum(unclipped, clipped)
+  clip_active = clipped > unclipped
+  if dual_clip is not None:
+    bound = -adv * dual_clip
+    dual_active = (adv < 0) & (bound < per_token)
+    per_token = jnp.where(dual_active, bound, per_token)
+  else:
+    dual_active = jnp.zeros_like(clip_active)
+  return ClippedTerms(per_token, clip_active, dual_active, jax.lax.stop_gradient(ratio),
+                      jax.lax.stop_gradient(log_ratio))
 
 
 def clipped_policy_loss(
@@ -82,39 +150,16 @@ def clipped_policy_loss(
     :math:`KL(\pi_{old}\|\pi_\theta)`), ``ratio_mean``, ``ratio_max``.
   """
   chex.assert_rank([logp, behaviour_logp, advantages, mask], 2)
-  chex.assert_equal_shape([logp, behaviour_logp, advantages, mask])
-  eps_lo = clip_eps
-  eps_hi = clip_eps if clip_eps_high is None else clip_eps_high
-  if not (0.0 <= eps_lo < 1.0 and eps_hi >= 0.0):
-    raise ValueError(f"need 0 <= clip_eps < 1 and clip_eps_high >= 0, got {eps_lo}, {eps_hi}")
-  if dual_clip is not None and dual_clip <= 1.0:
-    raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-
+  t = clipped_token_terms(logp, behaviour_logp, advantages, mask, clip_eps,
+                          clip_eps_high=clip_eps_high, dual_clip=dual_clip)
   on = mask > 0
-  adv = jax.lax.stop_gradient(jnp.where(on, advantages, 0.0)).astype(jnp.float32)
-  old = jax.lax.stop_gradient(jnp.where(on, behaviour_logp, 0.0)).astype(jnp.float32)
-  log_ratio = jnp.where(on, logp.astype(jnp.float32), 0.0) - old
-  log_ratio = jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-  ratio = jnp.exp(log_ratio)
-
-  unclipped = -adv * ratio
-  clipped = -adv * jnp.clip(ratio, 1.0 - eps_lo, 1.0 + eps_hi)
-  per_token = jnp.maximum(unclipped, clipped)
-  clip_active = clipped > unclipped
-  if dual_clip is not None:
-    bound = -adv * dual_clip
-    dual_active = (adv < 0) & (bound < per_token)
-    per_token = jnp.where(dual_active, bound, per_token)
-  else:
-    dual_active = jnp.zeros_like(clip_active)
-
+  per_token, clip_active, dual_active = t.loss, t.clip_active, t.dual_active
   loss = aggregate_tokens(per_token, mask, aggregation)
 
   def token_mean(x):
     return aggregate_tokens(x.astype(jnp.float32), mask, "token_mean")
 
-  ratio_sg = jax.lax.stop_gradient(ratio)
-  log_ratio_sg = jax.lax.stop_gradient(log_ratio)
+  ratio_sg, log_ratio_sg = t.ratio, t.log_ratio
   metrics = {
       "clip_fraction": token_mean(clip_active),
       "dual_clip_fraction": token_mean(dual_active),

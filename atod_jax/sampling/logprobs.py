@@ -21,8 +21,9 @@ def token_logprobs(
 
   The aligned layout matches the trainer's per-token arrays (mask, turn ids, behaviour
   log-probs): the log-prob of a token sits at that token's position. Only ``chunk_size``
-  positions of logits exist at a time (``[B, chunk, V]``), in the forward and, through
-  rematerialisation, in the backward pass, so a 151k vocabulary at 8 x 4096 tokens fits.
+  positions of logits exist at a time (``[B, chunk, V]``; fewer where they would pass
+  ``LOGIT_BYTES``), in the forward and, through rematerialisation, in the backward pass,
+  so a 151k vocabulary at 8 x 4096 tokens fits.
 
   Args:
     model: the LM (differentiable: gradients flow to its parameters).
@@ -43,10 +44,30 @@ def token_logprobs(
                               temperature=temperature, chunk_size=chunk_size)
 
 
+# The f32 logits of one chunk ([B, chunk, V]) stay under this many bytes: the chunk
+# shrinks (by powers of two, down to MIN_CHUNK positions) for many rows or a large
+# vocabulary, e.g. 100 sequences x 151,936 tokens -> 16 positions a chunk. The budget is
+# of the whole batch: on a mesh each device holds its share of the rows.
+LOGIT_BYTES = 2**30
+MIN_CHUNK = 16
+
+
+def chunk_positions(rows: int, vocab: int, chunk_size: int | None) -> int | None:
+  """``chunk_size`` halved until ``rows x chunk x vocab`` f32 logits fit ``LOGIT_BYTES``."""
+  if chunk_size is None:
+    return None
+  while chunk_size > MIN_CHUNK and rows * chunk_size * vocab * 4 > LOGIT_BYTES:
+    chunk_size //= 2
+  return chunk_size
+
+
 def logprobs_from_hidden(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array, *,
                          temperature: float = 1.0, chunk_size: int | None = 512) -> jax.Array:
   """:func:`token_logprobs` from the model's final hidden states ``[B, T, H]`` and its
-  unembedding ``[H, V]`` (for callers that use the hidden states twice)."""
+  unembedding ``[H, V]`` (for callers that use the hidden states twice). At most
+  ``chunk_size`` positions of logits at a time, fewer where they would pass
+  ``LOGIT_BYTES`` (:func:`chunk_positions`)."""
+  chunk_size = chunk_positions(hidden.shape[0], unembed.shape[1], chunk_size)
 
   def chunk(h, target):  # h [B, C, H], target [B, C] -> [B, C]
     logits = (h @ unembed).astype(jnp.float32) / temperature

@@ -219,6 +219,25 @@ class Update:
   score_chunks: int = 1
   distill: steps.Distill | None = None  # the full-vocabulary term
   recompute: bool = False  # pi_old from a training forward, not the sampler
+  rows: Any = None  # steps.rows_sharding of the run's mesh (None: one device)
+
+  @property
+  def batch_shards(self) -> int:
+    """Devices the batch's rows are split over (the mesh's data x fsdp)."""
+    if self.rows is None:
+      return 1
+    return self.rows.mesh.shape["data"] * self.rows.mesh.shape["fsdp"]
+
+  def slicing(self, batch: Trajectory) -> tuple[int, steps.Batches]:
+    """The scoring chunks and the update's walk for ``batch``: the configured counts
+    (``score_chunks``, ``walk.microbatches``) moved to the nearest that split each
+    device's sequences evenly (:func:`~atod_jax.train.steps.aligned_chunks`; the
+    update's sum over slices is exact whatever their number)."""
+    seqs = batch.tokens.shape[0] * (batch.tokens.shape[1] if batch.windowed else 1)
+    chunks = steps.aligned_chunks(seqs, self.score_chunks, self.batch_shards)
+    per_minibatch = seqs // self.walk.minibatches
+    micro = steps.aligned_chunks(per_minibatch, self.walk.microbatches, self.batch_shards)
+    return chunks, self.walk._replace(microbatches=micro, rows=self.rows)
 
   def init(self, params) -> steps.TrainState:
     return steps.init_state(params, self.tx)
@@ -240,14 +259,15 @@ class Update:
       state, upd = steps.jit_sft_update(self.graphdef, self.tx, state, batch, key, self.walk)
       jax.block_until_ready(upd)
       return state, {**upd, "seconds/score": 0.0, "seconds/update": time.perf_counter() - t0}
+    chunks, walk = self.slicing(batch)
     if self.recompute:  # pi_old as the update's own forward computes it
       batch = batch._replace(behaviour_logp=steps.jit_score(
           self.graphdef, state.params, batch, temperature=self.loss.temperature,
-          chunks=self.score_chunks))
+          chunks=chunks, rows=self.rows))
     if self.scores_tokens:
       t_graph, t_params = teacher
       teacher_logp = steps.jit_score(t_graph, t_params, batch, temperature=1.0,
-                                     chunks=self.score_chunks)
+                                     chunks=chunks, rows=self.rows)
     else:  # the policy's own log-probs: the sampled OPD term is exactly 0
       teacher_logp = batch.behaviour_logp
     jax.block_until_ready((teacher_logp, batch.behaviour_logp))
@@ -256,7 +276,7 @@ class Update:
     adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
     t_graph, t_params = teacher if self.distill is not None else (None, None)
     state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
-                                         self.loss, self.walk, self.distill, t_graph, t_params,
+                                         self.loss, walk, self.distill, t_graph, t_params,
                                          weights)
     jax.block_until_ready(upd)
     return state, {**metrics, **upd, "seconds/score": t1 - t0,
@@ -265,10 +285,10 @@ class Update:
 
 def make_update(config: ml_collections.ConfigDict, method: str | Method, graphdef, *,
                 max_turns: int, optim: ml_collections.ConfigDict | None = None,
-                tx: optax.GradientTransformation | None = None) -> Update:
+                tx: optax.GradientTransformation | None = None, mesh=None) -> Update:
   """The :class:`Update` of ``method`` with the run's objective, rollout and optimizer
   settings (``optim`` replaces ``config.optim``; ``tx`` replaces the optimizer it
-  makes)."""
+  makes; ``mesh``: the run's, whose data axes the batch's rows are split over)."""
   m = METHODS[method] if isinstance(method, str) else method
   o, r = config.objective, config.rollout
   optim = optim or config.optim
@@ -288,6 +308,7 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
                             r.temperature),
       walk=steps.Batches(optim.minibatches, optim.epochs, micro),
       score_chunks=optim.minibatches * micro, distill=distill,
-      recompute=m.update == "policy" and o.behaviour_logp == "recompute")
+      recompute=m.update == "policy" and o.behaviour_logp == "recompute",
+      rows=steps.rows_sharding(mesh))
 
 

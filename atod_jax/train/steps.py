@@ -11,8 +11,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atod_jax import objectives as obj
 from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_mask
@@ -56,12 +58,54 @@ class Batches(NamedTuple):
   minibatches: int = 1  # optimizer steps per epoch
   epochs: int = 1
   microbatches: int = 1  # gradient-accumulation slices of a mini-batch
+  # where a slice's rows go (rows_sharding): every slice split over the batch's devices
+  # (None: left to the compiler, which may replicate a gathered mini-batch's slices)
+  rows: Any = None
+
+
+def rows_sharding(mesh) -> NamedSharding | None:
+  """The sharding of ``[rows, ...]`` arrays on ``mesh``: rows over its data axes (None
+  without a mesh)."""
+  return None if mesh is None else NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def constrain_rows(tree, sharding: NamedSharding | None, axis: int = 0):
+  """Every array of ``tree`` with its axis ``axis`` split as ``sharding`` splits rows
+  (where the devices divide it; others are left alone): inside a jitted step, the
+  placement of a slice the compiler cannot infer (a gathered mini-batch, a reshaped
+  chunk), so it is not replicated on every device."""
+  if sharding is None:
+    return tree
+  axes = sharding.spec[0]
+  size = int(np.prod([sharding.mesh.shape[a] for a in
+                      ((axes,) if isinstance(axes, str) else axes)]))
+
+  def one(x):
+    if x.ndim <= axis or x.shape[axis] % size:
+      return x
+    spec = [None] * x.ndim
+    spec[axis] = axes
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, P(*spec)))
+  return jax.tree.map(one, tree)
 
 
 class TrainState(NamedTuple):
   params: Any  # nnx.State of the student
   opt_state: Any  # optax state
   step: jax.Array  # int32 scalar: updates done
+
+
+def aligned_chunks(rows: int, target: int, shards: int = 1) -> int:
+  """How many slices to cut ``rows`` rows into, as near ``target`` as can be (at least
+  ``target`` where possible: the memory bound asked for) such that every device's rows
+  split evenly: with the rows in ``shards`` contiguous blocks (the batch sharding) and
+  slice ``j`` taking rows ``j, j + n, ...``, each slice then holds rows on every device
+  instead of being replicated. ``rows`` that ``shards`` does not divide are not sharded:
+  any divisor of them will do."""
+  local = rows // shards if shards > 1 and rows % shards == 0 else rows
+  divisors = [c for c in range(1, local + 1) if local % c == 0]
+  above = [c for c in divisors if c >= target]
+  return min(above) if above else max(divisors)
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
@@ -87,34 +131,51 @@ def _logprobs(model, traj: Trajectory, temperature: float = 1.0) -> jax.Array:
 
 
 def score(graphdef, params, traj: Trajectory, temperature: float = 1.0,
-          chunks: int = 1) -> jax.Array:
+          chunks: int = 1, rows: NamedSharding | None = None) -> jax.Array:
   """Log-prob of every token of ``traj`` under the model (the teacher's scores of the
-  student's tokens), 0 off the generated tokens; ``traj.tokens``' shape. The rows go
-  through the model in ``chunks`` slices, one after another (bounded activations)."""
-  def run(params, tokens, valid):
-    return _logprobs(nnx.merge(graphdef, params), traj._replace(tokens=tokens, valid=valid),
-                     temperature)
+  student's tokens), 0 off the generated tokens; ``traj.tokens``' shape. The model's
+  sequences (:func:`model_rows`: a window layout's turns one by one) go through it in
+  ``chunks`` slices, one after another (bounded activations); ``chunks`` must divide
+  their number; ``rows`` (:func:`rows_sharding`) places each chunk's sequences."""
+  def run(params, tokens, valid):  # sequences [n, S]
+    return token_logprobs(nnx.merge(graphdef, params), tokens, valid, temperature=temperature)
 
+  tokens, valid = model_rows(traj.tokens), model_rows(traj.valid)
   if chunks == 1:
-    logp = run(params, traj.tokens, traj.valid)
+    logp = run(params, tokens, valid)
   else:  # params ride in the carry: an NNX module must live in the trace that uses it
-    part = lambda x: x.reshape(chunks, -1, *x.shape[1:])  # noqa: E731
+    # chunk c holds sequences c, c + chunks, c + 2 chunks, ...: where the rows lie in
+    # contiguous blocks over the devices (the batch sharding), every chunk keeps rows on
+    # every device instead of a chunk living on a few of them
+    part = lambda x: constrain_rows(x.reshape(-1, chunks, x.shape[-1]).swapaxes(0, 1),  # noqa: E731
+                                    rows, axis=1)
     _, logp = jax.lax.scan(lambda p, tv: (p, run(p, *tv)), params,
-                           (part(traj.tokens), part(traj.valid)))
-    logp = logp.reshape(traj.tokens.shape)
+                           (part(tokens), part(valid)))
+    logp = logp.swapaxes(0, 1)
+  logp = logp.reshape(traj.tokens.shape)
   return jnp.where(traj.gen_mask, jax.lax.stop_gradient(logp), 0.0)
 
 
-def _grads(loss_fn, params, batch, microbatches: int):
-  """``(loss, metrics), grads`` of ``loss_fn`` on ``batch``, in ``microbatches`` rows
-  slices one after another (gradient accumulation, in float32): the mean of the slices'
-  losses and gradients, so the activations of one slice only are alive at a time. With
-  row means (the ``seq_mean_*`` aggregations) and every row trained this equals the whole
-  batch's gradient; ``token_mean`` weighs the slices equally instead of by their tokens."""
+def _grads(loss_fn, params, batch, microbatches: int, summed: bool = False, rows=None):
+  """``(loss, metrics), grads`` of ``loss_fn`` on ``batch``, in ``microbatches`` slices of
+  its rows one after another (gradient accumulation, in float32), so the activations of
+  one slice only are alive at a time.
+
+  ``summed=False``: the mean of the slices' losses and gradients; with row means (the
+  ``seq_mean_*`` aggregations) and every row trained this equals the whole batch's
+  gradient. ``summed=True``: ``loss_fn`` returns weighted sums (token weights computed
+  over the whole batch, :func:`~atod_jax.objectives.aggregation_weights`) and the
+  slices' losses, gradients and metrics add up (``*_max`` metrics: their maximum): the
+  whole batch's, exactly, whatever the slices. ``rows``: where a slice's rows go
+  (:func:`constrain_rows`)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    return grad_fn(params, batch)
-  slices = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+    return grad_fn(params, constrain_rows(batch, rows))
+  # slice j holds rows j, j + microbatches, ...: where the rows lie in contiguous blocks
+  # over the devices (the batch sharding), a slice keeps rows on every device it can
+  slices = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, microbatches, *x.shape[1:]), 0, 1),
+                        batch)
+  slices = constrain_rows(slices, rows, axis=1)
 
   def add(total, mb):
     (loss, metrics), grads = grad_fn(params, mb)
@@ -123,16 +184,22 @@ def _grads(loss_fn, params, batch, microbatches: int):
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   total, metrics = jax.lax.scan(add, zeros, slices)
-  grads = jax.tree.map(lambda t, p: (t / microbatches).astype(p.dtype), total, params)
-  metrics = jax.tree.map(jnp.mean, metrics)
+  scale = 1.0 if summed else 1.0 / microbatches
+  grads = jax.tree.map(lambda t, p: (t * scale).astype(p.dtype), total, params)
+  if summed:
+    metrics = {k: jnp.max(v) if k.endswith("_max") else jnp.sum(v) for k, v in metrics.items()}
+  else:
+    metrics = jax.tree.map(jnp.mean, metrics)
   return (metrics.pop("loss"), metrics), grads
 
 
-def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches):
+def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches,
+                      prepare=None):
   """``walk.epochs`` passes over ``batch`` (a pytree of ``[B, ...]`` arrays) in
   ``walk.minibatches`` shuffled mini-batches (one optimizer step each, its gradient
   accumulated over ``walk.microbatches`` slices); returns the new state and mean
-  metrics."""
+  metrics. ``prepare`` maps a mini-batch to the rows ``loss_fn`` reads, which then
+  returns weighted sums (``_grads``' ``summed``)."""
   rows = jax.tree.leaves(batch)[0].shape[0]
   size = rows // walk.minibatches
   order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), rows)
@@ -142,7 +209,10 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches)
   def one(carry, idx):
     params, opt_state = carry
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), batch)
-    (loss, metrics), grads = _grads(loss_fn, params, mb, walk.microbatches)
+    if prepare is not None:
+      mb = prepare(mb)
+    (loss, metrics), grads = _grads(loss_fn, params, mb, walk.microbatches,
+                                    summed=prepare is not None, rows=walk.rows)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -152,11 +222,10 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches)
   return TrainState(params, opt_state, state.step + 1), jax.tree.map(jnp.mean, metrics)
 
 
-def _logprobs_and_divergence(model, teacher, traj: Trajectory, temperature: float,
+def _logprobs_and_divergence(model, teacher, tokens, valid, temperature: float,
                              distill: Distill):
-  """The student's log-probs of ``traj``'s tokens and the per-token :class:`Distill`
-  divergence from ``teacher``, both from one pass of each model; ``traj.tokens``' shape."""
-  tokens, valid = model_rows(traj.tokens), model_rows(traj.valid)
+  """The student's log-probs of the sequences ``tokens`` ``[N, S]`` and the per-token
+  :class:`Distill` divergence from ``teacher``, both from one pass of each model."""
   hidden, _ = model.hidden_states(tokens, None, valid)
   logp = logprobs_from_hidden(hidden, model.unembed_matrix(hidden.dtype), tokens,
                               temperature=temperature)
@@ -174,8 +243,7 @@ def _logprobs_and_divergence(model, teacher, traj: Trajectory, temperature: floa
 
   div = map_sequence_chunks(chunk, hidden[:, :-1], t_hidden[:, :-1],
                             chunk_size=distill.chunk_size)
-  div = jnp.pad(div, ((0, 0), (1, 0)))
-  return logp.reshape(traj.tokens.shape), div.reshape(traj.tokens.shape)
+  return logp, jnp.pad(div, ((0, 0), (1, 0)))
 
 
 def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
@@ -184,31 +252,53 @@ def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Ar
   """One clipped-surrogate update (all mini-batches and epochs) on a rollout batch; with
   ``distill``, plus the full-vocabulary divergence from the teacher weighted per token
   by ``distill_weights`` (``traj.tokens``' shape, e.g. kappa x T-DUR weight) and
-  aggregated as the surrogate is."""
-  def loss_fn(params, mb):
-    traj, adv, weights = mb
-    model = nnx.merge(graphdef, params)
+  aggregated as the surrogate is.
+
+  Each mini-batch becomes its model sequences (:func:`model_rows`: a window layout's
+  turns one by one) with the per-token weights of ``loss.aggregation`` over the whole
+  mini-batch (:func:`~atod_jax.objectives.aggregation_weights`), so the
+  ``walk.microbatches`` slices are slices of sequences, not of episodes: a slice can be
+  smaller than an episode and the accumulated gradient is the mini-batch's, exactly."""
+  def prepare(mb):  # a mini-batch of episodes -> its sequences and their token weights
+    traj, adv, dw = mb
     mask = trained_mask(traj)
+    shape = traj.tokens.shape
+    w = obj.aggregation_weights(mask, loss.aggregation).reshape(shape)
+    w_mean = obj.aggregation_weights(mask, "token_mean").reshape(shape)
+    seq = dict(tokens=traj.tokens, valid=traj.valid, old=traj.behaviour_logp, adv=adv, w=w,
+               w_mean=w_mean)
+    if distill is not None:
+      seq["dw"] = dw
+    return {k: model_rows(v) for k, v in seq.items()}
+
+  def loss_fn(params, seq):  # weighted sums over a slice of sequences
+    model = nnx.merge(graphdef, params)
     if distill is None:
-      logp = _logprobs(model, traj, loss.temperature)
+      logp = token_logprobs(model, seq["tokens"], seq["valid"], temperature=loss.temperature)
     else:
       logp, div = _logprobs_and_divergence(
-          model, nnx.merge(teacher_graph, teacher_params), traj, loss.temperature, distill)
-    value, metrics = obj.clipped_policy_loss(flat(logp), flat(traj.behaviour_logp), flat(adv),
-                                             mask, loss.clip_eps,
-                                             clip_eps_high=loss.clip_eps_high or None,
-                                             dual_clip=loss.dual_clip or None,
-                                             aggregation=loss.aggregation)
+          model, nnx.merge(teacher_graph, teacher_params), seq["tokens"], seq["valid"],
+          loss.temperature, distill)
+    w, w_mean = seq["w"], seq["w_mean"]
+    on = w_mean > 0
+    t = obj.clipped_token_terms(logp, seq["old"], seq["adv"], on, loss.clip_eps,
+                                clip_eps_high=loss.clip_eps_high or None,
+                                dual_clip=loss.dual_clip or None)
+    value = obj.weighted_sum(t.loss, w)
+    metrics = {"clip_fraction": obj.weighted_sum(t.clip_active, w_mean),
+               "dual_clip_fraction": obj.weighted_sum(t.dual_active, w_mean),
+               "approx_kl": obj.weighted_sum(t.ratio - 1.0 - t.log_ratio, w_mean),
+               "ratio_mean": obj.weighted_sum(t.ratio, w_mean),
+               "ratio_max": jnp.max(jnp.where(on, t.ratio, -jnp.inf), initial=0.0)}
     if distill is not None:
-      term = obj.aggregate_tokens(flat(weights * div), mask, loss.aggregation)
+      term = obj.weighted_sum(seq["dw"] * div, w)
       value = value + term
-      metrics = dict(metrics, divergence=obj.aggregate_tokens(flat(div), mask, "token_mean"),
-                     distill_loss=term)
+      metrics = dict(metrics, divergence=obj.weighted_sum(div, w_mean), distill_loss=term)
     return value, metrics
 
   # without the term, a row-shaped placeholder (mini-batches slice every leaf)
   weights = jnp.zeros(adv.shape[:1]) if distill_weights is None else distill_weights
-  return _minibatch_update(loss_fn, tx, state, (traj, adv, weights), key, walk)
+  return _minibatch_update(loss_fn, tx, state, (traj, adv, weights), key, walk, prepare)
 
 
 def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Batches):
@@ -228,4 +318,4 @@ jit_policy_update = functools.partial(
 jit_sft_update = functools.partial(
     jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2,))(sft_update)
 jit_score = functools.partial(jax.jit, static_argnums=(0,),
-                              static_argnames=("temperature", "chunks"))(score)
+                              static_argnames=("temperature", "chunks", "rows"))(score)

@@ -114,9 +114,10 @@ def test_query_blocked_attention_matches_single_block(monkeypatch):
   # (and differs between block layouts); every other position must match
   defined = jnp.cumsum(valid, axis=1) > 0
 
-  def run(query_block, min_causal_block):
+  def run(query_block, min_causal_block, max_causal_blocks=16):
     monkeypatch.setattr(dec, "QUERY_BLOCK", query_block)
     monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", min_causal_block)
+    monkeypatch.setattr(dec, "MAX_CAUSAL_BLOCKS", max_causal_blocks)
     jax.clear_caches()  # the block sizes are read at trace time
     model = DecoderLM(CFG, nnx.Rngs(0))
 
@@ -129,7 +130,8 @@ def test_query_blocked_attention_matches_single_block(monkeypatch):
   want_logits, want_grads = run(512, 10**9)  # one block of all 45 queries
   for blocks in [(8, 10**9),  # 6 rematerialised blocks over all keys, the last partial
                  (512, 8),  # causal blocks of 12 queries, each reading keys up to its own
-                 (8, 8)]:  # causal blocks of 8, rematerialised
+                 (8, 8),  # causal blocks of 8, rematerialised
+                 (8, 8, 4)]:  # 6 causal blocks are over MAX_CAUSAL_BLOCKS: the loop of blocks
     got_logits, got_grads = run(*blocks)
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, err_msg=str(blocks))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=str(blocks)),

@@ -64,12 +64,10 @@ def test_full_vocabulary_divergence_direction_against_numpy(beta, kind):
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, 40, (3, 2, 9)), jnp.int32)  # window layout [B, K, S]
   valid = jnp.ones(tokens.shape, bool)
-  from atod_jax.rollout.trajectory import Trajectory
-  zeros = jnp.zeros(tokens.shape)
-  traj = Trajectory(tokens, valid, valid, zeros.astype(jnp.int32), zeros, *([None] * 8))
   distill = steps.Distill(beta, chunk_size=4)  # chunks of 4 of the 8 positions
-  logp, div = steps._logprobs_and_divergence(student, teacher, traj, 1.0, distill)
-  rows = tokens.reshape(-1, 9)
+  rows = tokens.reshape(-1, 9)  # the model's sequences
+  logp, div = steps._logprobs_and_divergence(student, teacher, rows, valid.reshape(-1, 9), 1.0,
+                                             distill)
   s_logits, t_logits = (np.asarray(m(rows)[0]) for m in (student, teacher))
   mask = np.ones(rows.shape, bool)
   want = ref.vocab_divergence(s_logits[:, :-1], t_logits[:, :-1], mask[:, :-1], kind, beta=beta)
@@ -107,7 +105,7 @@ def test_full_vocabulary_term_gradient_moves_the_student_toward_the_teacher():
 
   def divergence(p):
     _, div = steps._logprobs_and_divergence(nnx.merge(graphdef, p), nnx.merge(t_graph, t_params),
-                                            traj, 1.0, distill)
+                                            traj.tokens, traj.valid, 1.0, distill)
     return float(jnp.sum(div * gen) / jnp.sum(gen))
 
   before = divergence(params)
