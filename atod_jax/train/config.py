@@ -148,9 +148,14 @@ def _validate_mesh(config) -> None:
   m = config.mesh
   _need(m.data == -1 or (isinstance(m.data, int) and m.data > 0), "mesh.data",
         f"must be -1 (all devices left) or > 0, got {m.data!r}")
-  _positive(config, "mesh.fsdp")
+  _need(m.fsdp == -1 and m.data != -1 or isinstance(m.fsdp, int) and m.fsdp > 0, "mesh.fsdp",
+        f"must be > 0, or -1 (all devices left) with data > 0, got {m.fsdp!r}")
   _positive(config, "mesh.tensor")
   n = jax.device_count()
+  if m.fsdp == -1:
+    _need(n % (m.data * m.tensor) == 0, "mesh",
+          f"data x tensor = {m.data * m.tensor} must divide the {n} devices present")
+    return
   model_axes = m.fsdp * m.tensor
   if m.data == -1:
     _need(n % model_axes == 0, "mesh",

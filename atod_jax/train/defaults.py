@@ -14,7 +14,7 @@ style)::
 
 Sections (validated at start-up by :func:`atod_jax.train.validate`): ``method``,
 ``seed``; ``env``; ``teacher``; ``student``; ``rollout``; ``objective``; ``optim``;
-``train``; ``eval``; ``mesh``; ``debug``. ``teacher.build`` exists only for a built
+``train``; ``eval``; ``mesh``; ``distributed``; ``debug``. ``teacher.build`` exists only for a built
 teacher, ``student.sft`` only for a warm-started student (or the ``sft`` method).
 """
 from __future__ import annotations
@@ -52,7 +52,10 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234,
                 select_split="",  # where student_best is chosen ("": on the report split)
                 report_splits=())  # reported splits ((): the env's evaluation split)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # data=-1: every device left
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: every device left (data, or else fsdp)
+  # several processes (hosts) in one run (atod_jax.train.distributed): empty / 0 / -1 are
+  # read from the environment (JAX_COORDINATOR_ADDRESS, a TPU slice, SLURM, Open MPI)
+  c.distributed = dict(coordinator="", num_processes=0, process_id=-1)
   c.debug = dict(nan_at_step=-1)  # fault injection for the tests: NaN loss at this step
   return c
 
@@ -164,18 +167,23 @@ def tiny_text_run(kind: str, *, vocab: int = 1024, **env) -> ml_collections.Conf
 def paper_run(env: dict) -> ml_collections.ConfigDict:
   """The paper's hyperparameters with an HF student and teacher (paths to fill in):
   150 steps, 8 tasks x 8 rollouts, learning rate 1e-6, kappa 1 -> 0.1 and rho 1 -> 2
-  over 80 steps, bf16 with per-layer remat, 8 gradient-accumulation slices per
-  mini-batch, pi_old recomputed by a forward (bf16), evaluation every 10 steps without
-  greedy runs."""
+  over 80 steps, bf16 compute with per-layer remat (a bf16 teacher, f32 student master
+  weights), 8 gradient-accumulation slices per mini-batch, pi_old recomputed by a
+  forward (bf16), evaluation every 10 steps without greedy runs."""
   c = base("atod")
   c.env = env
-  c.teacher = teacher_from("hf", dtype="bfloat16", remat=True)
+  # the frozen teacher computes in bf16 and has no update: bf16 weights are the same
+  # numbers at half the memory (the student keeps f32 master weights)
+  c.teacher = teacher_from("hf", dtype="bfloat16", param_dtype="bfloat16", remat=True)
   c.student = student_from("hf", dtype="bfloat16", remat=True)
   c.optim.update(learning_rate=1e-6, warmup_steps=0, weight_decay=0.01, microbatches=8)
   # bf16: the sampler's log-probs are ~1e-2 from a forward's on a Qwen3-0.6B shape (mean
   # 8e-3, p99 2e-2: the size of T-DUR's disagreement signal), so pi_old is recomputed;
   # f32 keeps the sampler's (1e-6 apart). experiments/behaviour_gap.py measures it.
   c.objective.behaviour_logp = "recompute"
+  # parameters and optimizer state split over every device: what the ahead-of-time plan
+  # fits on v5e-8 / v6e-8 / v5p-8 (docs/scaling.md: python -m atod_jax.plan)
+  c.mesh.update(data=1, fsdp=-1)
   c.train.update(steps=150, keep_checkpoints=2)
   c.eval.update(episodes=140, greedy=False)
   return c

@@ -50,3 +50,12 @@ def test_sharded_sampling_matches_single_device():
                      jax.random.key(0), 12, greedy)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_make_mesh_fsdp_takes_the_devices_left():
+  """data=1, fsdp=-1 (the paper configs): every device on fsdp; data=2: the rest."""
+  from atod_jax.models.sharding import make_mesh
+  assert dict(make_mesh(1, -1, 1).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert dict(make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 1 * 2}
+  with pytest.raises(ValueError, match="do not split into data=3"):
+    make_mesh(3, -1, 1)

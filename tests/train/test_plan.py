@@ -1,0 +1,109 @@
+"""The ahead-of-time plan (atod_jax.train.plan): its FLOP count against XLA's own, its
+per-chip bytes against the shapes, its errors, and the paper-scale 0.6B run compiled
+by the real TPU compiler for v5e:2x4 (needs libtpu, from the test extra's jax[tpu])."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atod_jax.models import DecoderLM, ModelConfig
+from atod_jax.sampling.logprobs import token_logprobs
+from atod_jax.train import plan as pl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+needs_libtpu = pytest.mark.skipif(not pl.has_tpu_compiler(),
+                                  reason="libtpu is not installed (pip install 'jax[tpu]')")
+
+
+def _config(name: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_forward_flops_match_xla_cost_analysis(moe):
+  """The plan's count of a forward (layers, attention over every key, the vocabulary
+  projection) is XLA's count of the compiled forward within 6% (XLA adds the norms,
+  softmax and activations), and the hand count. A MoE layer's experts run as a ragged
+  dot, which XLA's cost analysis counts as if every token met every expert: there the
+  plan counts the active experts (top-k of them) and only the hand count applies."""
+  kw = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+            model_type="qwen3_moe") if moe else {}
+  cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=64, intermediate_size=1024, dtype="float32", **kw)
+  graphdef, params = nnx.split(DecoderLM(cfg, nnx.Rngs(0)))
+  b, t = 2, 64  # one attention block of all 64 queries over all 64 keys
+  fn = jax.jit(lambda p, x: token_logprobs(nnx.merge(graphdef, p), x, chunk_size=None))
+  xla = fn.lower(params, jnp.zeros((b, t), jnp.int32)).compile().cost_analysis()["flops"]
+  ours = pl.forward_flops(cfg, b * t, b * t * t, b * t)
+  if not moe:
+    assert ours == pytest.approx(xla, rel=0.06)
+  else:
+    assert ours < xla
+  by_hand = 2 * b * t * (2 * (256 * 64 * (2 * 4 + 2 * 2) + (2 * 3 * 256 * 256 + 4 * 256 if moe
+                                                             else 3 * 256 * 1024))
+                         + 256 * 512) + 4 * 2 * 4 * 64 * b * t * t
+  assert ours == by_hand
+
+
+def test_unknown_targets_and_models_fail_in_one_line():
+  with pytest.raises(pl.PlanError, match="unknown target 'v9:2x2'.*v5e:2x4"):
+    pl.topology("v9:2x2")
+  with pytest.raises(pl.PlanError, match="unknown model 'qwen9'.*qwen3-0.6b"):
+    pl.model_config("qwen9")
+  cfg = pl.model_config("qwen3-30b-a3b")  # the published shape: 30.5 B, 3.3 B active
+  assert cfg.num_params() == pytest.approx(30.5e9, rel=0.01)
+  assert pl.model_config("qwen3-0.6b").num_params() == pytest.approx(0.596e9, rel=0.01)
+  assert pl.model_config("qwen3-4b").num_params() == pytest.approx(4.02e9, rel=0.01)
+  if pl.has_tpu_compiler():
+    with pytest.raises(pl.PlanError, match="libtpu does not know the topology 'v5e:3x7'"):
+      pl.topology("v5e:3x7")
+  with pytest.raises(pl.PlanError, match="device"):
+    pl.plan(_config("quickstart"), "v5e:2x4", student="qwen3-0.6b", teacher="qwen3-4b")
+
+
+def test_meshes_cover_every_split():
+  assert pl.meshes(8)[:4] == [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1)]
+  assert all(d * f * t == 8 for d, f, t in pl.meshes(8)) and len(pl.meshes(8)) == 10
+
+
+@needs_libtpu
+def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
+  """configs/alfworld_qwen3.py with Qwen3-0.6B and a Qwen3-4B teacher, the paper's batch
+  (8 x 8 episodes, 50 turns of 2,048 + 512 tokens) on v5e:2x4 in the setting of
+  docs/scaling.md: every function compiles for the TPU and fits its 16 GiB a chip, and
+  the resident bytes are the shapes' (f32 AdamW state of 0.6 B parameters and bf16
+  teacher weights over 8 chips)."""
+  config = _config("alfworld_qwen3")
+  plan = pl.plan(config, "v5e:2x4", student="qwen3-0.6b", teacher="qwen3-4b")
+  names = [r.name for r in plan.rows]
+  assert names == ["rollout/prefill", "rollout/decode", "score/teacher", "score/student",
+                   "advantages", "update"]
+  assert plan.fits, plan.table()
+  assert not any(r.refused for r in plan.rows)
+  student = pl.model_config("qwen3-0.6b").num_params()
+  teacher = pl.model_config("qwen3-4b").num_params()
+  update = plan.rows[-1]
+  # the update's arguments: params + 2 Adam moments (f32) of the student over 8 chips,
+  # plus the batch; the teacher (bf16, 8 chips) stays resident beside it
+  assert update.argument == pytest.approx(3 * 4 * student / 8, rel=0.1)
+  assert update.resident == pytest.approx(2 * teacher / 8, rel=0.05)
+  assert plan.step_flops > 6 * student * 64 * 50 * 2560  # at least 6 N x the tokens trained
+  assert "fits" in plan.table() and "v5e:2x4" in plan.table()
+
+
+def test_command_line_says_what_is_wrong_in_one_line():
+  import subprocess
+  import sys
+  base = [sys.executable, "-m", "atod_jax.plan", f"--config={ROOT}/configs/alfworld_qwen3.py"]
+  proc = subprocess.run(base + ["--target=v9:2x2", "--student=qwen3-0.6b",
+                                "--teacher=qwen3-4b"], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and "error: unknown target 'v9:2x2'" in proc.stderr
+  proc = subprocess.run(base + ["--target=v5e:2x4"], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and "error: name the models: --student / --teacher" in proc.stderr
