@@ -21,7 +21,7 @@ from flax import nnx
 from atod_jax.models import hf
 from atod_jax.models.config import ModelConfig
 from atod_jax.models.decoder import PARAMS_LAYOUT, DecoderLM
-from atod_jax.models.sharding import leaf_shardings
+from atod_jax.models.sharding import host_values, leaf_shardings
 
 SOURCES = ("hf", "checkpoint", "gguf")  # the kinds :func:`load` reads (gguf: a file)
 
@@ -43,13 +43,19 @@ def save(path: str, params, cfg: ModelConfig, extra: dict | None = None):
   the structure is rebuilt from the config on load."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckpt:
+  if jax.process_count() > 1:  # orbax takes numpy values or global arrays, not a process's own
+    params = host_values(params)
+  with ocp.StandardCheckpointer() as ckpt:  # in a multi-process run, every process calls
     ckpt.save(os.path.join(path, "params"), params, force=True)
-  with open(os.path.join(path, "model_config.json"), "w") as f:
-    json.dump(dict(dataclasses.asdict(cfg), params_layout=PARAMS_LAYOUT), f, indent=1)
-  if extra is not None:
-    with open(os.path.join(path, "info.json"), "w") as f:
-      json.dump(extra, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "model_config.json"), "w") as f:
+      json.dump(dict(dataclasses.asdict(cfg), params_layout=PARAMS_LAYOUT), f, indent=1)
+    if extra is not None:
+      with open(os.path.join(path, "info.json"), "w") as f:
+        json.dump(extra, f, indent=1)
+  if jax.process_count() > 1:  # the files are there for every process from here on
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"saved {path}")
 
 
 def saved_config(path: str) -> ModelConfig:

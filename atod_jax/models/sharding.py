@@ -27,8 +27,13 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``(data, fsdp, tensor)`` mesh; ``-1`` for data takes the remaining devices."""
+  """A ``(data, fsdp, tensor)`` mesh; ``-1`` for data (or else for fsdp) takes the
+  remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
+  if fsdp == -1 and data != -1:
+    if len(devices) % (data * tensor):
+      raise ValueError(f"{len(devices)} devices do not split into data={data} x tensor={tensor}")
+    fsdp = len(devices) // (data * tensor)
   if data == -1:
     if len(devices) % (fsdp * tensor):
       raise ValueError(f"{len(devices)} devices do not split into fsdp={fsdp} x tensor={tensor}")
@@ -67,12 +72,35 @@ def leaf_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
                             jax.tree.leaves(state_shardings(state, mesh, rules)))
 
 
+def place(tree, shardings):
+  """``jax.device_put(tree, shardings)`` that also works in a multi-process run, where a
+  sharding spans other processes' devices: a value this process holds whole (numpy, or
+  on its own devices; the same in every process) is cut into this process's shards;
+  an array already spread over the processes is resharded."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, sharding):
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # keys travel as their data
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), tree)
+  # the shardings' tree may stop above the arrays (a sharding per nnx.Variable)
+  return jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: one(x, sh), sub), shardings, tree,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
   """Moves every parameter of ``model`` to its sharding on ``mesh`` (in place)."""
   state = nnx.state(model)
   shardings = state_shardings(state, mesh, rules)
   values = jax.tree.map(lambda v: v[...], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  nnx.update(model, jax.device_put(values, shardings))
+  nnx.update(model, place(values, shardings))
   return model
 
 
@@ -88,5 +116,94 @@ def shard_batch(tree, mesh: Mesh, rules=DEFAULT_RULES):
     size = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     spec = batch_sharding(mesh, x.ndim, rules) if x.shape[0] % size == 0 else \
         NamedSharding(mesh, P())
-    return jax.device_put(x, spec)
+    return place(x, spec)
   return jax.tree.map(put, tree)
+
+
+def host_values(tree):
+  """A pytree of arrays as numpy arrays in this process: those it can read whole (on its
+  own devices, or replicated) are read; others (split over several processes' devices)
+  are gathered from all processes first (every process must call it then)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
+
+
+class RowSplit:
+  """The rows of a global ``[size, ...]`` batch (rows over the mesh's data axes, as
+  :func:`shard_batch` places them) that this process holds: in a multi-process run
+  each process plays its own rows' episodes on the host, and the device computations
+  run on the global arrays. ``local``: this process's row indices (contiguous).
+
+  ``mesh=None`` (or one process): every row is local and the arrays stay as given.
+  """
+
+  def __init__(self, mesh: Mesh | None, size: int):
+    self.mesh, self.size = mesh, size
+    self.multi = mesh is not None and jax.process_count() > 1
+    if not self.multi:
+      self.local = np.arange(size)
+      return
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if size % shards:
+      raise ValueError(f"a multi-process batch of {size} rows must split evenly over the "
+                       f"{shards} devices of the mesh's data axes")
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((size,))
+    rows = sorted({r for sl in index.values() for r in range(*sl[0].indices(size))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+      raise ValueError("this process's rows of the batch are not contiguous; build the mesh "
+                       "with make_mesh (devices in process order)")
+    self.local = np.asarray(rows)
+
+  def put(self, tree):
+    """Local rows (numpy) -> global arrays (one process: :func:`shard_batch`)."""
+    if not self.multi:
+      return tree if self.mesh is None else shard_batch(tree, self.mesh)
+
+    def one(x):
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(batch_sharding(self.mesh, x.ndim), x,
+                                                    (self.size, *x.shape[1:]))
+    return jax.tree.map(one, tree)
+
+  def get(self, tree):
+    """Global arrays -> this process's rows, as numpy."""
+    if not self.multi:
+      return jax.device_get(tree)
+
+    def one(x):  # this process's shards in row order (each block once)
+      parts = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+      return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+    return jax.tree.map(one, tree)
+
+  def any(self, flags) -> bool:
+    """Whether any row of any process has its flag set (every process must call it)."""
+    local = bool(np.any(flags))
+    if not self.multi:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([local]))))
+
+
+def all_processes(items: list) -> list:
+  """Every process's ``items`` (JSON-able) joined in process order (one process: as
+  is); every process must call it."""
+  if jax.process_count() == 1:
+    return list(items)
+  import json
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(items).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded[None])).reshape(-1, padded.size)
+  out = []
+  for row, n in zip(every, sizes):
+    out.extend(json.loads(bytes(row[:int(n)]).decode()))
+  return out

@@ -41,11 +41,13 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atod_jax.envs import registry
 from atod_jax.envs.agent import invalid_turns, turn_rewards
 from atod_jax.envs.prompts import extract_action, render_prompt
-from atod_jax.models.sharding import shard_batch
+from atod_jax.models.decoder import KVCache
+from atod_jax.models.sharding import RowSplit, batch_sharding
 from atod_jax.models.tokenizer import Tokenizer
 from atod_jax.rollout.trajectory import (Trajectory, assemble, assemble_windowed, cache_slots,
                                          layout_length)
@@ -208,10 +210,24 @@ def anchor_key(observation: str) -> int:
   return zlib.crc32(" ".join(observation.lower().split()).encode()) & 0x7FFFFFFF
 
 
+def _empty_cache(model, rows: RowSplit, slots: int):
+  """A fresh cache of the batch's rows, placed as the batch is (multi-process: made on
+  the devices in its shards, never whole on a host)."""
+  if not rows.multi:
+    cache = init_cache(model, rows.size, slots)
+    return cache._replace(keys=rows.put(cache.keys), values=rows.put(cache.values),
+                          valid=rows.put(cache.valid), next_position=rows.put(cache.next_position))
+  shapes = jax.eval_shape(lambda: KVCache.init(model.cfg, rows.size, slots))
+  out = jax.tree.map(lambda x: batch_sharding(rows.mesh, x.ndim) if x.ndim
+                     else NamedSharding(rows.mesh, P()), shapes)
+  return jax.jit(lambda: KVCache.init(model.cfg, rows.size, slots), out_shardings=out)()
+
+
 def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[int],
                  key: jax.Array, *, sampling: SamplingParams | None = SamplingParams(),
                  group_ids: Sequence[int] | None = None, expert_noise: float = 0.0,
-                 mesh=None, invalid_penalty: float = 0.0) -> tuple[Trajectory, list[dict]]:
+                 mesh=None, invalid_penalty: float = 0.0,
+                 pad_to: int = 1) -> tuple[Trajectory, list[dict]]:
   """Plays one episode per task id; returns the trajectory batch and each episode's
   last ``info`` (task type, score, ...).
 
@@ -223,8 +239,26 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   data axes, so decoding is data-parallel. Invalid turns (:mod:`atod_jax.envs.agent`)
   earn ``-invalid_penalty``; each turn's anchor is :func:`anchor_key` of the observation
   it answered.
+
+  In a multi-process run (``mesh`` over several processes' devices) every process plays
+  the episodes of its own rows of the batch (:class:`~atod_jax.models.sharding.RowSplit`)
+  in its own environment, the model's calls run on the global arrays, and the returned
+  trajectory is global; the infos are this process's rows'. ``pad_to``: the batch is
+  padded (with copies of the last task, their rows not valid) to a multiple of it.
+  Each info holds ``won``, ``turns`` and ``format_errors``; a padding row's holds
+  ``padding``.
   """
-  put = (lambda x: x) if mesh is None else (lambda x: shard_batch(x, mesh))  # noqa: E731
+  real = len(task_ids)
+  task_ids = list(task_ids) + [task_ids[-1]] * (-real % pad_to)
+  if group_ids is not None:
+    group_ids = list(group_ids) + [-1] * (len(task_ids) - real)
+  rows = RowSplit(mesh, len(task_ids))
+  put = rows.put if mesh is not None else (lambda x: x)  # noqa: E731
+  local = rows.local
+  padding = local >= real
+  task_ids = [task_ids[i] for i in local]
+  if group_ids is not None:
+    group_ids = np.asarray(group_ids)[local]
   spec, pad = codec.spec, codec.pad
   b, kk, m, o = len(task_ids), spec.max_turns, spec.response_len, spec.obs_len
   batch = env.reset(split, list(task_ids))
@@ -254,19 +288,17 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
   def prefill(tokens, valid):  # a fresh cache holding ``tokens``
-    cache = init_cache(model, b, spec.cache_slots)
-    cache = cache._replace(keys=put(cache.keys), values=put(cache.values),
-                           valid=put(cache.valid), next_position=put(cache.next_position))
+    cache = _empty_cache(model, rows, spec.cache_slots)
     logits, cache = append(model, cache, *put((jnp.asarray(tokens), jnp.asarray(valid))))
     return logits, cache
 
   if not expert:
-    stop = put(jnp.tile(jnp.asarray(codec.stops, jnp.int32), (b, 1)))
+    stop = put(np.tile(np.asarray(codec.stops, np.int32), (b, 1)))
     if not spec.windowed:
       logits, cache = prefill(prompt, prompt_valid)
   for k in range(kk):
     live = ~done
-    if not live.any():
+    if not rows.any(live):  # (every process's rows: the model's calls run on all of them)
       break
     if spec.windowed:  # this turn's own prompt
       prompt[k], prompt_valid[k] = _right(
@@ -297,10 +329,10 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
       if spec.windowed:
         logits, cache = prefill(prompt[k], prompt_valid[k])
       out = decode(model, cache, logits, jax.random.fold_in(key, k), m, sampling,
-                   stop_tokens=stop, max_new=put(jnp.asarray(np.where(live, m, 0), jnp.int32)),
+                   stop_tokens=stop, max_new=put(np.where(live, m, 0).astype(np.int32)),
                    pad_id=pad)
       cache, logits = out.cache, out.last_logits
-      toks, valid, logp = jax.device_get((out.tokens, out.valid, out.logprobs))
+      toks, valid, logp = rows.get((out.tokens, out.valid, out.logprobs))
       resp[k], resp_valid[k], imitate[k], resp_logp[k] = toks, valid, valid, logp
       for i in np.flatnonzero(live):
         command = codec.command(toks[i][valid[i]])
@@ -325,18 +357,24 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
     going = live & ~now_done
     done = done | now_done
     if not spec.windowed:
-      rows = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
-      obs[k], obs_valid[k] = _right(rows, o, pad)
-      if not expert and not done.all() and k + 1 < kk:
-        logits, cache = append(model, cache, *put((jnp.asarray(obs[k]), jnp.asarray(obs_valid[k]))))
+      answers = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
+      obs[k], obs_valid[k] = _right(answers, o, pad)
+      if not expert and rows.any(~done) and k + 1 < kk:
+        logits, cache = append(model, cache, *put((obs[k], obs_valid[k])))
+  aborted |= padding
   won = batch.wons.copy() & ~aborted
   for i in range(b):
-    infos[i]["format_errors"] = int(format_errors[i])
-  rows = dict(rewards=rewards.sum(axis=0), won=won, num_turns=turns, invalid=invalid,
-              group_ids=group_ids, row_valid=~aborted, turn_rewards=rewards, anchors=anchors)
+    infos[i].update(format_errors=int(format_errors[i]), won=bool(won[i]), turns=int(turns[i]))
+    if padding[i]:
+      infos[i]["padding"] = True
+  fields = dict(rewards=rewards.sum(axis=0), won=won, num_turns=turns, invalid=invalid,
+                group_ids=group_ids, row_valid=~aborted, turn_rewards=rewards, anchors=anchors)
   if spec.windowed:
-    traj = assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, **rows)
+    traj = assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp,
+                             **fields)
   else:
     traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
-                    **rows)
+                    **fields)
+  if rows.multi:  # this process's rows -> the global batch
+    traj = rows.put(jax.device_get(traj))
   return traj, infos

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 
+from atod_jax.train import distributed
+
 
 def report_splits(eval_config) -> list[str | None]:
   """The report splits (``None``: the environment's evaluation split)."""
@@ -59,6 +61,8 @@ def teacher_metrics(config, graphdef, params, source, info: dict, workdir: str) 
     if cached.get("protocol") == protocol and cached.get("teacher") == who:
       return cached["metrics"]
   metrics = evaluate(config.eval, graphdef, params, source)
-  with open(cache_file, "w") as f:
-    json.dump({"protocol": protocol, "teacher": who, "metrics": metrics}, f, indent=1)
+  if distributed.is_main():
+    with open(cache_file, "w") as f:
+      json.dump({"protocol": protocol, "teacher": who, "metrics": metrics}, f, indent=1)
+  distributed.sync("teacher evaluation cached")
   return metrics

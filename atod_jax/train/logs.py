@@ -15,9 +15,13 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsLog:
-  def __init__(self, workdir: str, resume_step: int | None):
+  """The run's records; ``write=False`` (a multi-process run's other processes) keeps
+  them in memory only."""
+
+  def __init__(self, workdir: str, resume_step: int | None, write: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.records: list[dict] = []
+    self._file = self._tb = None
     if resume_step is not None and os.path.exists(self.path):
       with open(self.path) as f:
         for line in f:
@@ -30,6 +34,8 @@ class MetricsLog:
             break  # a line cut by a crash: everything before it is good
           if rec["step"] <= resume_step if rec["kind"] == "eval" else rec["step"] < resume_step:
             self.records.append(rec)
+    if not write:
+      return
     with open(self.path, "w") as f:
       for rec in self.records:
         f.write(json.dumps(rec) + "\n")
@@ -40,18 +46,22 @@ class MetricsLog:
   def write(self, kind: str, step: int, metrics: dict):
     rec = {"step": int(step), "kind": kind, **{k: float(v) for k, v in metrics.items()}}
     self.records.append(rec)
+    if self._file is None:
+      return
     self._file.write(json.dumps(rec) + "\n")
     self._file.flush()
     for k, v in metrics.items():
       self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
 
   def flush(self):
-    self._file.flush()
-    self._tb.flush()
+    if self._file is not None:
+      self._file.flush()
+      self._tb.flush()
 
   def close(self):
-    self._file.close()
-    self._tb.close()
+    if self._file is not None:
+      self._file.close()
+      self._tb.close()
 
   def series(self, kind: str, key: str):
     pts = [(r["step"], r[key]) for r in self.records if r["kind"] == kind and key in r]

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 from atod_jax.models import checkpoint as model_io
 from atod_jax.models.config import ModelConfig
-from atod_jax.models.sharding import leaf_shardings, make_mesh, shard_batch
+from atod_jax.models.sharding import leaf_shardings, make_mesh, place, shard_batch
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
-from atod_jax.train import checks, evaluation, logs, methods
+from atod_jax.train import checks, distributed, evaluation, logs, methods
 from atod_jax.train.config import validate
 from atod_jax.train.sources import TaskSource, make_source
 from atod_jax.train.steps import TrainState, init_state, make_optimizer
@@ -97,12 +97,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   (the one with the best held-out success so far) and ``student_hf/`` (when the student
   came from an HF directory) into ``workdir``.
   """
+  distributed.initialize(config.get("distributed"))  # before anything touches a device
   validate(config)
+  quiet = quiet or not distributed.is_main()  # one process speaks
   say = (lambda *a: None) if quiet else functools.partial(print, flush=True)  # noqa: E731
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  if distributed.is_main():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   m = config.mesh
   mesh = make_mesh(m.data, m.fsdp, m.tensor)
   source = make_source(config, workdir, mesh, say)
@@ -119,7 +122,8 @@ def _train(run: Run, quiet: bool) -> dict:
   ckpt_dir = os.path.join(run.workdir, "checkpoints")
   state, resumed = restore_or_init(run, tx, ckpt_dir)
   run.update = methods.make_update(config, config.method, run.graphdef,
-                                   max_turns=run.source.max_turns, tx=tx)
+                                   max_turns=run.source.max_turns, tx=tx,
+                                   mesh=run.mesh)
   vocab = (run.model_cfg.vocab_size, run.teacher_cfg.vocab_size)
   checks.need(run.update.distill is None or vocab[0] == vocab[1], "objective.opd_signal",
                f"the full-vocabulary divergence needs one vocabulary; the student has "
@@ -127,7 +131,7 @@ def _train(run: Run, quiet: bool) -> dict:
   if run.update.method.update == "supervised":
     run.demos = pack(run.source.expert_demos(key(config.seed, Stream.SFT_DEMOS),
                                              4 * _rows(config), config.student.sft.expert_noise))
-  log = logs.MetricsLog(run.workdir, resumed)
+  log = logs.MetricsLog(run.workdir, resumed, write=distributed.is_main())
   if resumed is None:
     log.write("eval", 0, evaluation.evaluate(config.eval, run.graphdef, state.params, run.source))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -155,7 +159,7 @@ def prepare_teacher(run: Run) -> None:
   always compares with it)."""
   graphdef, params, run.teacher_cfg, info = get_teacher(run.config, run.source, run.workdir,
                                                          run.mesh, run.say)
-  params = jax.device_put(params, leaf_shardings(params, run.mesh))
+  params = place(params, leaf_shardings(params, run.mesh))
   run.teacher = (graphdef, params)
   run.teacher_metrics = evaluation.teacher_metrics(run.config, graphdef, params, run.source,
                                                    info, run.workdir)
@@ -194,7 +198,7 @@ def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None
   if restored is not None:
     return restored
   params = student_params(run)
-  return jax.device_put(init_state(params, tx), shardings), None
+  return place(init_state(params, tx), shardings), None
 
 
 def _restore_newest(ckpt_dir: str, target, say) -> tuple[TrainState, int] | None:
@@ -276,8 +280,8 @@ def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: i
   key_ = evaluation.selection_key(run.config.eval)
   best = max((r[key_] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
-  if result[key_] >= best:
-    model_io.save(os.path.join(run.workdir, "student_best"), jax.device_get(state.params),
+  if result[key_] >= best:  # (every process: orbax writes with all of them)
+    model_io.save(os.path.join(run.workdir, "student_best"), distributed.fetch(state.params),
                   run.model_cfg, {"step": done, **result})
 
 
@@ -322,25 +326,27 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
   """The curves, the results table, ``summary.json``, the final student (ours, and HF
   when it came from an HF directory)."""
   config, workdir = run.config, run.workdir
+  main = distributed.is_main()  # writes the files; orbax saves with every process
   title = f"{config.method} on {run.source.name}, seed {config.seed}"
-  try:
-    logs.plot(log, run.teacher_metrics, os.path.join(workdir, "curves.png"), title)
-  except ImportError:  # a dependency, but a broken install should not lose the results
-    run.say("matplotlib is not importable: no curves.png")
   table = logs.results_table(log, run.teacher_metrics, evaluation.selection_key(config.eval))
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# {title}\n\n{table}\n")
   evals = [rec for rec in log.records if rec["kind"] == "eval"]
   chosen = max(evals, key=lambda r: r[evaluation.selection_key(config.eval)])
   summary = {"method": config.method, "seed": config.seed, "steps": config.train.steps,
              "final": evals[-1], "best_success": max(e["eval/success"] for e in evals),
              "selected": chosen, "step0": evals[0], "teacher": run.teacher_metrics}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  if main:
+    try:
+      logs.plot(log, run.teacher_metrics, os.path.join(workdir, "curves.png"), title)
+    except ImportError:  # a dependency, but a broken install should not lose the results
+      run.say("matplotlib is not importable: no curves.png")
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(f"# {title}\n\n{table}\n")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   log.close()
-  final_params = jax.device_get(state.params)
+  final_params = distributed.fetch(state.params)
   model_io.save(os.path.join(workdir, "student"), final_params, run.model_cfg)
-  if config.student.init in ("hf", "gguf"):
+  if main and config.student.init in ("hf", "gguf"):
     from flax import nnx
 
     from atod_jax.models.hf import save_pretrained

@@ -55,7 +55,8 @@ def behaviour_clone(config, graphdef, params, source, *, sft, seed: int,
   update = methods.make_update(config, "sft", graphdef, max_turns=source.max_turns,
                                optim=once, tx=tx)
   state = update.init(params)
-  bar = tqdm(range(sft.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
+  bar = tqdm(range(sft.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True,
+             disable=jax.process_index() != 0)  # one process speaks
   for i in bar:
     idx = jax.random.choice(key(seed, pick_stream, i), episodes, (sft.batch_size,),
                             replace=episodes < sft.batch_size)

@@ -167,6 +167,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(refer
     ("--config.objective.tdur_mode=entropy", "config.objective.tdur_mode"),
     ("--config.mesh.data=3", "config.mesh"),  # 8 devices here
     ("--config.mesh.fsdp=3", "config.mesh"),
+    ("--config.mesh.fsdp=-1", "config.mesh.fsdp"),  # with data=-1: which takes the rest?
     ("--config.objective.kappa_min=-0.1", "config.objective.kappa_min"),
     ("--config.objective.rho_max=-2.0", "config.objective.rho_max"),
     ("--config.env.preset=extreme", "config.env"),
@@ -352,7 +353,9 @@ def test_sharded_update_equals_one_device():
   from atod_jax.models.sharding import make_mesh, shard_batch, state_shardings
   from atod_jax.train.methods import make_update
   config = tiny_config.get_config()
-  config.optim.update(minibatches=2, epochs=2)
+  # 2 gradient slices asked: one device takes them; 8 devices hold one episode each of a
+  # mini-batch, so the update aligns to 1 slice (the same gradient: slices are exact)
+  config.optim.update(minibatches=2, epochs=2, microbatches=2)
   config.rollout.tasks_per_step = 4
   graphdef, params, traj = _student_batch(config)
   teacher = model_io.fresh(ModelConfig(**config.teacher.model), jax.random.key(1))
@@ -361,8 +364,11 @@ def test_sharded_update_equals_one_device():
   mesh = make_mesh(4, 2, 1)
   p8 = jax.device_put(_copy(params), state_shardings(params, mesh))
   t8 = jax.device_put(teacher[1], state_shardings(teacher[1], mesh))
-  eight, m8 = update(update.init(p8), shard_batch(traj, mesh), jax.random.key(5),
-                     (teacher[0], t8))
+  # with the mesh, every scoring chunk and gradient slice is placed over its 8 devices
+  update8 = make_update(config, "atod", graphdef, max_turns=15, mesh=mesh)
+  assert update8.batch_shards == 8
+  eight, m8 = update8(update8.init(p8), shard_batch(traj, mesh), jax.random.key(5),
+                      (teacher[0], t8))
   assert len(jax.tree.leaves(eight.params)[0].sharding.device_set) == 8
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atod_jax.envs import registry
-from atod_jax.models.sharding import state_shardings
+from atod_jax.models.sharding import all_processes, host_values, place, state_shardings
 from atod_jax.models.tokenizer import Tokenizer, train_text_tokenizer
 from atod_jax.rollout.host import TextCodec, TextRollout, episode_text, host_rollout
 from atod_jax.rollout.trajectory import Trajectory, summarize
@@ -74,23 +74,26 @@ class TextSource:
       with open(stamp) as f:
         if json.load(f) == fingerprint:
           return Tokenizer.from_pretrained(path)
-    from atod_jax.data.demos import collect_expert_episodes
-    n = min(e.tokenizer_episodes, self.num_train)
-    say(f"tokenizer: training a {e.vocab_size}-token BPE on {n} expert episodes of "
-        f"{e.kind}/{e.train_split}")
-    texts = [episode_text(self.spec, e.kind, ep) for ep in
-             collect_expert_episodes(self.pool, e.train_split, range(n), batch_size=16)]
-    tok = train_text_tokenizer(texts, e.vocab_size, path)
-    with open(stamp, "w") as f:
-      json.dump(fingerprint, f)
-    return tok
+    from atod_jax.train import distributed
+    if distributed.is_main():  # one process trains and writes it; the others read it
+      from atod_jax.data.demos import collect_expert_episodes
+      n = min(e.tokenizer_episodes, self.num_train)
+      say(f"tokenizer: training a {e.vocab_size}-token BPE on {n} expert episodes of "
+          f"{e.kind}/{e.train_split}")
+      texts = [episode_text(self.spec, e.kind, ep) for ep in
+               collect_expert_episodes(self.pool, e.train_split, range(n), batch_size=16)]
+      tok = train_text_tokenizer(texts, e.vocab_size, path)
+      with open(stamp, "w") as f:
+        json.dump(fingerprint, f)
+    distributed.sync("tokenizer trained")
+    return tok if distributed.is_main() else Tokenizer.from_pretrained(path)
 
   def _model(self, graphdef, params):
     """The model with its parameters on the mesh (a no-op where they already are), so
     they meet the mesh-sharded episodes; teachers and clones come from anywhere."""
     from flax import nnx
     if self.mesh is not None:
-      params = jax.device_put(params, state_shardings(params, self.mesh))
+      params = place(params, state_shardings(params, self.mesh))
     return nnx.merge(graphdef, params)
 
   def _ids(self, key, count: int) -> list[int]:
@@ -109,14 +112,26 @@ class TextSource:
   def expert_demos(self, key, episodes: int, noise: float = 0.0) -> Trajectory:
     """The expert on ``episodes`` training tasks, ``env.eval_batch`` at a time (a reset
     of hundreds of games at once would outlast ``env.step_timeout`` where making a game
-    is slow, as TextWorld's first time)."""
+    is slow, as TextWorld's first time). In a multi-process run each process plays its
+    rows and every process gets all the episodes."""
     k_tasks, k_expert = jax.random.split(key)
     ids, size = self._ids(k_tasks, episodes), self.config.env.eval_batch
+    mesh = self.mesh if jax.process_count() > 1 else None  # each process its own rows
     parts = [host_rollout(None, self.codec, self.pool, self.config.env.train_split,
                           ids[start:start + size], jax.random.fold_in(k_expert, start),
-                          sampling=None, expert_noise=noise, invalid_penalty=self.penalty)[0]
+                          sampling=None, expert_noise=noise, invalid_penalty=self.penalty,
+                          mesh=mesh, pad_to=self._shards())[0]
              for start in range(0, len(ids), size)]
-    return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+    demos = jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+    if mesh is not None:  # every process's rows, whole in every process (as on one)
+      demos = jax.tree.map(jnp.asarray, host_values(demos))
+    return demos
+
+  def _shards(self) -> int:
+    """A multi-process batch is padded to a multiple of the devices its rows split over."""
+    if jax.process_count() == 1 or self.mesh is None:
+      return 1
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
                split: str | None = None):
@@ -138,14 +153,18 @@ class TextSource:
       traj, infos = host_rollout(model, self.codec, self.pool, split, ids,
                                  stream_key(seed, Stream.EVAL_POLICY, start),
                                  sampling=SamplingParams(temperature=temperature),
-                                 mesh=self.mesh, invalid_penalty=self.penalty)
+                                 mesh=self.mesh, invalid_penalty=self.penalty,
+                                 pad_to=self._shards())
       for k, v in jax.device_get(summarize(traj)).items():
         sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
-      format_errors += sum(info.get("format_errors", 0) for info in infos)
-      turns += int(np.asarray(traj.num_turns).sum())
-      for info, w in zip(infos, np.asarray(traj.won)):
-        if "task_type" in info:
-          by_type.setdefault(info["task_type"], []).append(bool(w))
+      # every process's episodes (each played its own rows)
+      rows = all_processes([[i.get("task_type"), i["won"], i["turns"], i["format_errors"]]
+                            for i in infos if not i.get("padding")])
+      format_errors += sum(r[3] for r in rows)
+      turns += sum(r[2] for r in rows)
+      for task_type, won, _, _ in rows:
+        if task_type is not None:
+          by_type.setdefault(task_type, []).append(bool(won))
     out = {k: v / n for k, v in sums.items()}
     # answers with no command in them (invalid_rate also counts inadmissible commands)
     out["format_error_rate"] = format_errors / max(turns, 1)

@@ -1,0 +1,92 @@
+"""Multi-process training (atod_jax.train.distributed): 2 processes with 4 CPU devices
+each, joined by jax.distributed on localhost (gloo collectives), give the records and
+final parameters of 1 process with 8 devices: for the on-device household run (every
+process computes the same global step) and for a text environment (each process plays
+its own rows' episodes in its own worker pool). Run with ``pytest -m multiprocess``
+(the README's test command does, after the default suite)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
+TIMING = ("step_seconds", "tokens_per_s")
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run(workdir, processes: int, devices: int, config: str, *overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  port = _port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "atod_jax.main", f"--config={config}", f"--workdir={workdir}",
+       *overrides, f"--config.distributed.num_processes={processes}",
+       f"--config.distributed.process_id={i}",
+       f"--config.distributed.coordinator={'localhost:%d' % port if processes > 1 else ''}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(processes)]
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{logs[i][-2500:]}"
+                                for i in range(processes))
+  return logs
+
+
+def _same_run(one, two):
+  """Equal records (but the timings) and final parameters."""
+  def records(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f]
+  a, b = records(one), records(two)
+  assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
+  assert len([r for r in a if r["kind"] == "train"]) == 2
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      if not (k.startswith("seconds/") or k in TIMING):
+        assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-5), (x["kind"], x["step"], k)
+  with ocp.StandardCheckpointer() as ckpt:
+    p1 = ckpt.restore(os.path.join(one, "student", "params"))
+    p2 = ckpt.restore(os.path.join(two, "student", "params"))
+  for u, v in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5)
+  return a
+
+
+def test_household_two_processes_equal_one(tmp_path):
+  config = os.path.join(ROOT, "tests", "train", "tiny_config.py")
+  two = _run(tmp_path / "two", 2, 4, config, "--config.train.steps=2")
+  _run(tmp_path / "one", 1, 8, config, "--config.train.steps=2")
+  records = _same_run(tmp_path / "one", tmp_path / "two")
+  assert records[-1]["kind"] == "eval"
+  assert "wrote" in two[0] and "wrote" not in two[1]  # process 0 speaks and writes
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["1", "2"]
+
+
+SMALL = ["--config.train.steps=2", "--config.train.eval_every=2",
+         "--config.train.checkpoint_every=1", "--config.teacher.build.sft_steps=3",
+         "--config.teacher.build.select_episodes=8", "--config.teacher.build.demo_episodes=8",
+         "--config.student.sft.steps=2", "--config.student.sft.demo_episodes=8",
+         "--config.env.tokenizer_episodes=4", "--config.rollout.tasks_per_step=4",
+         "--config.rollout.group_size=2", "--config.eval.episodes=8", "--config.env.eval_batch=8"]
+
+
+def test_text_environment_two_processes_equal_one(tmp_path):
+  pytest.importorskip("bm25s")
+  config = os.path.join(ROOT, "configs", "searchqa_tiny.py")
+  _run(tmp_path / "two", 2, 4, config, *SMALL)
+  _run(tmp_path / "one", 1, 8, config, *SMALL)
+  records = _same_run(tmp_path / "one", tmp_path / "two")
+  assert all(r["turns"] >= 1 for r in records if r["kind"] == "train")
