@@ -6,7 +6,8 @@ topology, compiled here with the real TPU compiler (``pip install "jax[tpu]"``; 
 needed). ``--student`` / ``--teacher``: a name of ``atod_jax.train.plan.MODELS``, an HF
 directory or a GGUF file (default: the config's ``student.path`` / ``teacher.path``).
 Without ``--search`` it plans the config's mesh and ``optim.microbatches``; with it, it
-tries meshes and micro-batch counts until one fits. Exits 1 when nothing fits, 2 when no
+tries the meshes with every chip on the model axes and 1, 2 and 4 times the micro-batch
+count until one fits. Exits 1 when nothing fits, 2 when no
 plan can be made.
 """
 import os

@@ -323,6 +323,10 @@ class _OutOfMemory:
 def _compile(fn: Callable, *args, **kwargs):
   """The compiled function, or :class:`_OutOfMemory` when the compiler runs out of HBM
   (it names the temporaries' bytes: the plan reports them as the function's)."""
+  # no persistent cache: a TPU executable cannot be read back without a TPU client (it
+  # warns and compiles anyway), so writing one only fills the disk
+  cached = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     return fn.lower(*args, **kwargs).compile()
   except jax.errors.JaxRuntimeError as e:
@@ -332,6 +336,8 @@ def _compile(fn: Callable, *args, **kwargs):
     found = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", text)
     temp = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
     return _OutOfMemory(temp, text.strip().splitlines()[0][:300])
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cached)
 
 
 def _row(name, compiled, calls, resident, flops, hbm_read=0.0) -> Row:
@@ -522,14 +528,17 @@ def meshes(chips: int) -> list[tuple[int, int, int]]:
 def search(config, target: str, *, student: str, teacher: str,
            microbatches: Sequence[int] | None = None, say: Callable = lambda *a: None
            ) -> tuple[Plan | None, list[Plan]]:
-  """The first setting that fits, trying meshes (:func:`meshes`, least memory first),
-  each with the config's ``optim.microbatches`` and then 2 and 4 times as many (or
-  ``microbatches``); returns it (None if none does) and every plan tried."""
+  """The first setting that fits, trying the meshes that put every chip on the model
+  axes (``data=1``: :func:`meshes`' all-fsdp first, then with tensor parallelism; a mesh
+  with data parallelism holds more on each chip), each with the config's
+  ``optim.microbatches`` and then 2 and 4 times as many (or ``microbatches``); returns
+  it (None if none does) and every plan tried."""
   _, devices = topology(target)
   asked = config.optim.microbatches
   microbatches = microbatches or (asked, 2 * asked, 4 * asked)
   tried = []
-  for (data, fsdp, tensor), micro in itertools.product(meshes(len(devices)), microbatches):
+  least = [m for m in meshes(len(devices)) if m[0] == 1]
+  for (data, fsdp, tensor), micro in itertools.product(least, microbatches):
     try:
       p = plan(config, target, student=student, teacher=teacher, data=data, fsdp=fsdp,
                tensor=tensor, microbatches=micro, say=say)
