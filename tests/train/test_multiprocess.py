@@ -65,7 +65,9 @@ def _same_run(one, two):
   return a
 
 
-def test_household_two_processes_equal_one(tmp_path):
+def test_household_two_processes_equal_one_and_resume_exactly(tmp_path):
+  """... and 2 processes stopped after step 1 and started again (both restore the orbax
+  checkpoint both wrote) end with bit-identical training records and parameters."""
   config = os.path.join(ROOT, "tests", "train", "tiny_config.py")
   two = _run(tmp_path / "two", 2, 4, config, "--config.train.steps=2")
   _run(tmp_path / "one", 1, 8, config, "--config.train.steps=2")
@@ -73,6 +75,21 @@ def test_household_two_processes_equal_one(tmp_path):
   assert records[-1]["kind"] == "eval"
   assert "wrote" in two[0] and "wrote" not in two[1]  # process 0 speaks and writes
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["1", "2"]
+  _run(tmp_path / "again", 2, 4, config, "--config.train.steps=1")
+  again = _run(tmp_path / "again", 2, 4, config, "--config.train.steps=2")
+  assert "resuming from the checkpoint at step 1" in again[0]
+
+  def train(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not (k.startswith("seconds/") or k in TIMING)}
+            for r in rows if r["kind"] == "train"]
+  assert train(tmp_path / "again") == train(tmp_path / "two")
+  with ocp.StandardCheckpointer() as ckpt:
+    p1 = ckpt.restore(os.path.join(tmp_path / "two", "student", "params"))
+    p2 = ckpt.restore(os.path.join(tmp_path / "again", "student", "params"))
+  for u, v in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
 SMALL = ["--config.train.steps=2", "--config.train.eval_every=2",
