@@ -253,7 +253,7 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   if group_ids is not None:
     group_ids = list(group_ids) + [-1] * (len(task_ids) - real)
   rows = RowSplit(mesh, len(task_ids))
-  put = rows.put if mesh is not None else (lambda x: x)  # noqa: E731
+  put = rows.put  # (no mesh: as given)
   local = rows.local
   padding = local >= real
   task_ids = [task_ids[i] for i in local]

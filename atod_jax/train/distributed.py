@@ -19,8 +19,6 @@ import os
 
 import jax
 
-from atod_jax.models.sharding import host_values
-
 _CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
@@ -58,12 +56,6 @@ def initialize(distributed=None) -> bool:
 def is_main() -> bool:
   """Whether this process writes the run's logs and exports (process 0)."""
   return jax.process_index() == 0
-
-
-def fetch(tree):
-  """A pytree of (possibly multi-process, sharded) arrays as numpy arrays in every
-  process (:func:`~atod_jax.models.sharding.host_values`)."""
-  return host_values(tree)
 
 
 def sync(name: str) -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from atod_jax.models import checkpoint as model_io
 from atod_jax.models.config import ModelConfig
-from atod_jax.models.sharding import leaf_shardings, make_mesh, place, shard_batch
+from atod_jax.models.sharding import host_values, leaf_shardings, make_mesh, place, shard_batch
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
 from atod_jax.train import checks, distributed, evaluation, logs, methods
@@ -281,7 +281,7 @@ def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: i
   best = max((r[key_] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
   if result[key_] >= best:  # (every process: orbax writes with all of them)
-    model_io.save(os.path.join(run.workdir, "student_best"), distributed.fetch(state.params),
+    model_io.save(os.path.join(run.workdir, "student_best"), host_values(state.params),
                   run.model_cfg, {"step": done, **result})
 
 
@@ -344,7 +344,7 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
   log.close()
-  final_params = distributed.fetch(state.params)
+  final_params = host_values(state.params)
   model_io.save(os.path.join(workdir, "student"), final_params, run.model_cfg)
   if main and config.student.init in ("hf", "gguf"):
     from flax import nnx
