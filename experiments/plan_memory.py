@@ -1,7 +1,8 @@
 """The paper-scale runs planned ahead of time on TPU topologies (no TPU needed: libtpu
 compiles here; ``pip install "jax[tpu]"``).
 
-    JAX_PLATFORMS=cpu python experiments/plan_memory.py [--targets v5e:2x4,v6e:2x4,v5p:2x2x1]
+    JAX_PLATFORMS=cpu python experiments/plan_memory.py [--targets v5e:2x4,v6e:2x4,v5p:2x2x1] \
+        [--pairs qwen3-4b/qwen3-4b] [--microbatches 8,16,32] [--optimizer adafactor] [--fsdp-only]
 
 For each student (Qwen3-0.6B, 1.7B, 4B) with the Qwen3-4B teacher, and the 4B student
 with Qwen3-30B-A3B, on each target: the first mesh / micro-batch setting that fits
@@ -28,6 +29,10 @@ def main():
   parser.add_argument("--targets", default="v5e:2x4,v6e:2x4,v5p:2x2x1")
   parser.add_argument("--config", default=os.path.join(ROOT, "configs", "alfworld_qwen3.py"))
   parser.add_argument("--pairs", default="", help="student/teacher,... (default: the paper's)")
+  parser.add_argument("--microbatches", default="",
+                      help="micro-batch counts to try, e.g. 8,16,32 (default: the config's, x2, x4)")
+  parser.add_argument("--optimizer", default="", help="adamw or adafactor (default: the config's)")
+  parser.add_argument("--fsdp-only", action="store_true", help="only the all-fsdp mesh")
   parser.add_argument("--out", default="", help="also write the tables (markdown) here")
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location("config", args.config)
@@ -41,7 +46,10 @@ def main():
   for student, teacher in pairs:
     for target in args.targets.split(","):
       t0 = time.perf_counter()
-      found, tried = planner.search(config, target, student=student, teacher=teacher, say=say)
+      found, tried = planner.search(
+          config, target, student=student, teacher=teacher, say=say,
+          microbatches=[int(m) for m in args.microbatches.split(",")] if args.microbatches else None,
+          optimizer=args.optimizer or None, with_tensor=not args.fsdp_only)
       best = found or min(tried, key=lambda p: p.peak, default=None)
       say(f"{student} / {teacher} on {target}: {'fits' if found else 'nothing fits'} "
           f"({time.perf_counter() - t0:.0f} s, {len(tried)} settings compiled)")

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from atod_jax.models.config import ModelConfig
+from atod_jax.models.sharding import constrain_batch
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: all-masked rows stay NaN-free
 # Version of the parameter tree, stored with our checkpoints (HF directories are
@@ -398,7 +399,7 @@ def _scan_remat_layers(layers, x, rope, valid):
   @jax.checkpoint
   def body(x, state):
     y, _ = nnx.merge(graphdef, state)(x, rope, valid, None, None)
-    return y, None
+    return constrain_batch(y), None
 
   return jax.lax.scan(body, x, stacked)[0]
 
@@ -445,6 +446,11 @@ class DecoderLM(nnx.Module):
       base = 0 if cache is None else cache.next_position[:, None]
       positions = base + jnp.maximum(offset, 0)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    # a whole-sequence forward (scoring, the update) keeps its rows on their devices;
+    # with a cache (the rollout), the compiler's own layout: moving a decode step's few
+    # activations costs less than gathering the weights
+    place = constrain_batch if cache is None else (lambda v: v)
+    x = place(x)
     rope = rope_tables(positions, rope_inv_freq(cfg), x.dtype)
     if cache is not None:
       slot_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
@@ -458,6 +464,7 @@ class DecoderLM(nnx.Module):
         x, new_kv = _remat_layer(layer, x, rope, valid)
       else:
         x, new_kv = layer(x, rope, valid, kv, index)
+      x = place(x)
       if new_kv is not None:
         keys.append(new_kv[0])
         values.append(new_kv[1])

@@ -104,6 +104,28 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
   return model
 
 
+def constrain_batch(x: jax.Array, rules=DEFAULT_RULES) -> jax.Array:
+  """``x`` (``[batch, ...]`` activations) with its rows over the mesh's batch axes
+  (data and fsdp) when traced under a mesh (``jax.set_mesh``: the trainer and the plan
+  trace so); unchanged without one, or when those axes do not divide the rows.
+
+  This is FSDP's layout: each device computes its own rows with the layer's weights
+  gathered to it. Left to itself the compiler may instead keep the weights in place and
+  split the activations along the hidden axis, which leaves the MLP's activations whole
+  on every device: the plan of a 4B student's update slice held a copy of them on each
+  of 8 chips."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axis = logical_to_mesh_axes(("batch",), rules)[0]
+  names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+  names = tuple(a for a in names if a in mesh.axis_names)
+  size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+  if size == 1 or x.shape[0] % size:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(names, *([None] * (x.ndim - 1))))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` array: batch over the data axes."""
   return NamedSharding(mesh, P(logical_to_mesh_axes(("batch",), rules)[0], *([None] * (ndim - 1))))

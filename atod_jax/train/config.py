@@ -21,6 +21,7 @@ from atod_jax.rollout.host import LAYOUTS
 from atod_jax.train.checks import ConfigError, choice as _choice, get as _get, need as _need
 from atod_jax.train.checks import number
 from atod_jax.train.methods import validate_objective
+from atod_jax.train.steps import OPTIMIZERS
 
 MODEL_FILES = ("hf", "gguf", "checkpoint")  # what atod_jax.models.checkpoint.load reads
 STUDENT_INITS = ("fresh", "sft") + MODEL_FILES
@@ -39,6 +40,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(section in config, section, "missing section")
   _choice(config, "env.kind", tuple(registry.ENVS))
   _validate_numbers(config)
+  if "optimizer" in config.optim:
+    _choice(config, "optim.optimizer", OPTIMIZERS)
   validate_objective(config)
   if registry.get(config.env.kind).device is not None:
     _validate_device_env(config)

@@ -44,7 +44,8 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   c.method = method  # a name of atod_jax.train.methods.METHODS
   c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
   c.objective = methods.objective_defaults()  # every field documented there
-  c.optim = dict(learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
+  c.optim = dict(optimizer="adamw",  # or "adafactor" (factored, no moments: less memory)
+                 learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
                  max_grad_norm=1.0,  # 0: no clipping
                  minibatches=4, epochs=1,
                  microbatches=1)  # gradient accumulation; also the teacher's scoring chunks

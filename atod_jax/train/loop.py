@@ -110,7 +110,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   mesh = make_mesh(m.data, m.fsdp, m.tensor)
   source = make_source(config, workdir, mesh, say)
   try:
-    return _train(Run(config, workdir, mesh, source, say), quiet)
+    # traced under the mesh: the models place their activations' rows on it
+    # (models.sharding.constrain_batch); arrays made outside jit stay where they were
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _train(Run(config, workdir, mesh, source, say), quiet)
   finally:
     source.close()
 
@@ -169,11 +172,13 @@ def prepare_teacher(run: Run) -> None:
 
 def _state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:
   """Parameters by the logical-axis rules; the optimizer's copies of the parameter tree
-  (moments) like the parameters; everything else (counts, the step) replicated."""
+  (AdamW's moments) like the parameters; everything else (counts, the step, Adafactor's
+  factored rows and columns, which are not parameter-shaped) replicated."""
   p_shard = leaf_shardings(state_shapes.params, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   o_shard = optax.tree_utils.tree_map_params(
-      tx, lambda _, sh: sh, state_shapes.opt_state, p_shard,
+      tx, lambda x, sh, p: sh if x.shape == p.shape else replicated,
+      state_shapes.opt_state, p_shard, state_shapes.params,
       transform_non_params=lambda _: replicated)
   return TrainState(p_shard, o_shard, replicated)
 

@@ -249,6 +249,7 @@ class Plan:
   teacher: str
   rows: list[Row]
   notes: list[str] = dataclasses.field(default_factory=list)
+  optimizer: str = "adamw"
 
   @property
   def peak(self) -> int:
@@ -272,8 +273,8 @@ class Plan:
     m = self.mesh
     lines = [f"{self.target} ({self.chips} x {self.chip.name}, {gb(self.chip.hbm_bytes)} GiB "
              f"HBM a chip), mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
-             f"microbatches={self.microbatches}; student {self.student}, teacher "
-             f"{self.teacher}", "",
+             f"microbatches={self.microbatches}, optimizer {self.optimizer}; student "
+             f"{self.student}, teacher {self.teacher}", "",
              "| function | calls/step | arguments GiB | temps GiB | outputs GiB | donated GiB "
              "| resident GiB | peak GiB/chip | TFLOP/call | s/step (bound) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -302,6 +303,8 @@ def advice(plan: Plan) -> str:
     tips.append("more optim.microbatches (smaller slices of the update's batch)")
   if worst.resident + worst.argument > plan.chip.hbm_bytes // 2:
     tips.append("more mesh.fsdp (parameters and optimizer state split over more chips)")
+    if plan.optimizer == "adamw":
+      tips.append("optim.optimizer='adafactor' (no parameter-sized moments)")
   if worst.name.startswith("rollout"):
     tips.append("fewer rollout rows per call (env.eval_batch, rollout.tasks_per_step) or "
                 "shorter env.prompt_len / env.response_len")
@@ -393,13 +396,14 @@ class _Step:
 
 def plan(config, target: str, *, student: str, teacher: str, data: int | None = None,
          fsdp: int | None = None, tensor: int | None = None,
-         microbatches: int | None = None, say: Callable = lambda *a: None) -> Plan:
+         microbatches: int | None = None, optimizer: str | None = None,
+         say: Callable = lambda *a: None) -> Plan:
   """Compiles a training step of ``config`` (a text environment's run) for ``target``.
 
   ``student`` / ``teacher``: a name of :data:`MODELS`, an HF directory or a GGUF file
   (the config's ``student.model`` / ``teacher.model`` fields override its numerics);
-  ``data`` / ``fsdp`` / ``tensor`` / ``microbatches`` replace the config's ``mesh`` and
-  ``optim.microbatches``."""
+  ``data`` / ``fsdp`` / ``tensor`` / ``microbatches`` / ``optimizer`` replace the config's
+  ``mesh``, ``optim.microbatches`` and ``optim.optimizer``."""
   from atod_jax.envs import registry
   e, m = config.env, config.mesh
   if registry.get(e.kind).device is not None:
@@ -414,6 +418,7 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
   optim = config.optim.copy_and_resolve_references()
   with optim.unlocked():
     optim.microbatches = config.optim.microbatches if microbatches is None else microbatches
+    optim.optimizer = optim.get("optimizer", "adamw") if optimizer is None else optimizer
   spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
                      layout=e.get("layout", "context"), history=e.get("history", 2))
   rows = config.rollout.tasks_per_step * config.rollout.group_size
@@ -428,12 +433,13 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
            f"{spec.prompt_len}-token prompt and a {spec.response_len}-token answer "
            f"({spec.layout} layout); update: {rows} episodes, {optim.minibatches} "
            f"mini-batches x {optim.microbatches} micro-batches asked, {optim.epochs} epoch(s)"]
-  say(f"{target}: compiling the rollout")
-  out = _rollout_rows(step)
-  say(f"{target}: compiling the scoring and the update")
-  more, note = _update_rows(step)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the trainer traces
+    say(f"{target}: compiling the rollout")
+    out = _rollout_rows(step)
+    say(f"{target}: compiling the scoring and the update")
+    more, note = _update_rows(step)
   return Plan(target, chip, len(devices), dict(mesh.shape), optim.microbatches, student,
-              teacher, out + more, notes + [note])
+              teacher, out + more, notes + [note], optim.optimizer)
 
 
 def _rollout_rows(step: _Step) -> list[Row]:
@@ -526,22 +532,24 @@ def meshes(chips: int) -> list[tuple[int, int, int]]:
 
 
 def search(config, target: str, *, student: str, teacher: str,
-           microbatches: Sequence[int] | None = None, say: Callable = lambda *a: None
+           microbatches: Sequence[int] | None = None, optimizer: str | None = None,
+           with_tensor: bool = True, say: Callable = lambda *a: None
            ) -> tuple[Plan | None, list[Plan]]:
   """The first setting that fits, trying the meshes that put every chip on the model
   axes (``data=1``: :func:`meshes`' all-fsdp first, then with tensor parallelism; a mesh
   with data parallelism holds more on each chip), each with the config's
-  ``optim.microbatches`` and then 2 and 4 times as many (or ``microbatches``); returns
-  it (None if none does) and every plan tried."""
+  ``optim.microbatches`` and then 2 and 4 times as many (or ``microbatches``), with the
+  config's optimizer (or ``optimizer``); ``with_tensor=False``: the all-fsdp mesh only. Returns
+  the plan that fits (None if none does) and every plan tried."""
   _, devices = topology(target)
   asked = config.optim.microbatches
   microbatches = microbatches or (asked, 2 * asked, 4 * asked)
   tried = []
-  least = [m for m in meshes(len(devices)) if m[0] == 1]
+  least = [m for m in meshes(len(devices)) if m[0] == 1 and (with_tensor or m[2] == 1)]
   for (data, fsdp, tensor), micro in itertools.product(least, microbatches):
     try:
       p = plan(config, target, student=student, teacher=teacher, data=data, fsdp=fsdp,
-               tensor=tensor, microbatches=micro, say=say)
+               tensor=tensor, microbatches=micro, optimizer=optimizer, say=say)
     except Exception as err:  # noqa: BLE001  (e.g. the compiler's own out-of-memory)
       say(f"{target} data={data} fsdp={fsdp} tensor={tensor} micro={micro}: "
           f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
@@ -557,12 +565,12 @@ def search(config, target: str, *, student: str, teacher: str,
 def overview(plans: Sequence[Plan]) -> str:
   """One line per plan: a table for ``docs/``."""
   lines = ["| student | teacher | target | mesh (data, fsdp, tensor) | micro-batches "
-           "| peak GiB/chip | HBM GiB | fits | PFLOP/step | s/step (bound) |",
-           "|---|---|---|---|---:|---:|---:|---|---:|---:|"]
+           "| optimizer | peak GiB/chip | HBM GiB | fits | PFLOP/step | s/step (bound) |",
+           "|---|---|---|---|---:|---|---:|---:|---|---:|---:|"]
   for p in plans:
     m = p.mesh
     lines.append(f"| {p.student} | {p.teacher} | {p.target} | {m['data']}, {m['fsdp']}, "
-                 f"{m['tensor']} | {p.microbatches} | {p.peak / GiB:.2f} "
+                 f"{m['tensor']} | {p.microbatches} | {p.optimizer} | {p.peak / GiB:.2f} "
                  f"| {p.chip.hbm_bytes / GiB:.0f} | {'yes' if p.fits else 'no'} "
                  f"| {p.step_flops / 1e15:.1f} | {p.step_seconds:.0f} |")
   return "\n".join(lines)

@@ -108,14 +108,29 @@ def aligned_chunks(rows: int, target: int, shards: int = 1) -> int:
   return min(above) if above else max(divisors)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and global-norm clipping (``max_grad_norm = 0``: off)."""
+  """The student's optimizer, with linear warm-up and global-norm clipping
+  (``max_grad_norm = 0``: off). ``optim.optimizer``: ``"adamw"`` (the paper's; two
+  parameter-sized moments) or ``"adafactor"`` (optax's: a factored second moment, no
+  first moment, no scaling by the parameters' size: the optimizer state is a few rows
+  and columns per matrix instead of two copies of the model; what fits a 4B student on
+  16 GB chips, see docs/scaling.md). ``b1`` / ``b2`` are AdamW's."""
   lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps) \
       if optim.warmup_steps else optim.learning_rate
-  adamw = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+  name = optim.get("optimizer", "adamw")
+  if name == "adamw":
+    opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
+  elif name == "adafactor":
+    opt = optax.adafactor(lr, multiply_by_parameter_scale=False,
+                          weight_decay_rate=optim.weight_decay or None)
+  else:
+    raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {name!r}")
   if optim.max_grad_norm:
-    return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), opt)
+  return opt
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:

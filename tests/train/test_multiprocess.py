@@ -6,14 +6,17 @@ its own rows' episodes in its own worker pool). Run with ``pytest -m multiproces
 (the README's test command does, after the default suite)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
@@ -26,17 +29,21 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def _run(workdir, processes: int, devices: int, config: str, *overrides):
+def _start(workdir, processes: int, devices: int, config: str, *overrides):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   port = _port()
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, "-m", "atod_jax.main", f"--config={config}", f"--workdir={workdir}",
        *overrides, f"--config.distributed.num_processes={processes}",
        f"--config.distributed.process_id={i}",
        f"--config.distributed.coordinator={'localhost:%d' % port if processes > 1 else ''}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(processes)]
+
+
+def _run(workdir, processes: int, devices: int, config: str, *overrides):
+  procs = _start(workdir, processes, devices, config, *overrides)
   logs = [p.communicate(timeout=900)[0] for p in procs]
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{logs[i][-2500:]}"
@@ -65,9 +72,10 @@ def _same_run(one, two):
   return a
 
 
-def test_household_two_processes_equal_one_and_resume_exactly(tmp_path):
-  """... and 2 processes stopped after step 1 and started again (both restore the orbax
-  checkpoint both wrote) end with bit-identical training records and parameters."""
+def test_household_two_processes_equal_one_and_resume_after_kill(tmp_path):
+  """... and 2 processes killed (SIGKILL) during step 2, once the step-1 checkpoint is
+  written, then started again (both restore the orbax checkpoint both wrote) end with
+  bit-identical training records and parameters."""
   config = os.path.join(ROOT, "tests", "train", "tiny_config.py")
   two = _run(tmp_path / "two", 2, 4, config, "--config.train.steps=2")
   _run(tmp_path / "one", 1, 8, config, "--config.train.steps=2")
@@ -75,9 +83,21 @@ def test_household_two_processes_equal_one_and_resume_exactly(tmp_path):
   assert records[-1]["kind"] == "eval"
   assert "wrote" in two[0] and "wrote" not in two[1]  # process 0 speaks and writes
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["1", "2"]
-  _run(tmp_path / "again", 2, 4, config, "--config.train.steps=1")
-  again = _run(tmp_path / "again", 2, 4, config, "--config.train.steps=2")
-  assert "resuming from the checkpoint at step 1" in again[0]
+
+  again = tmp_path / "again"
+  procs = _start(again, 2, 4, config, "--config.train.steps=2")
+  deadline = time.monotonic() + 600
+  while not os.path.isdir(again / "checkpoints" / "1"):  # orbax renames it when complete
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+        [p.communicate()[0][-2000:] for p in procs if p.poll() is not None]
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  for p in procs:
+    p.communicate()
+  assert not os.path.exists(again / "summary.json")  # killed before the run's end
+  resumed = _run(again, 2, 4, config, "--config.train.steps=2")
+  assert "resuming from the checkpoint at step 1" in resumed[0]
 
   def train(w):
     with open(os.path.join(w, "metrics.jsonl")) as f:
@@ -107,3 +127,38 @@ def test_text_environment_two_processes_equal_one(tmp_path):
   _run(tmp_path / "one", 1, 8, config, *SMALL)
   records = _same_run(tmp_path / "one", tmp_path / "two")
   assert all(r["turns"] >= 1 for r in records if r["kind"] == "train")
+
+
+def test_hf_student_and_teacher_sharded_over_two_processes_equal_one(tmp_path):
+  """configs/searchqa_qwen3.py (shrunk): HF student and teacher read straight onto an
+  fsdp axis of all 8 devices that spans both processes (each process reads its own
+  blocks of every tensor), the windowed chat prompts, pi_old recomputed, the HF export
+  written by process 0."""
+  pytest.importorskip("bm25s")
+  from atod_jax.envs.searchqa import default_data_dir
+  from atod_jax.models import load_pretrained
+  from tests.train.qwen3_dir import tiny_qwen3_dir
+
+  hotpot = os.path.join(default_data_dir(), "searchqa", "hotpot_distractor",
+                        "hotpot_dev_distractor_100.json")
+  if not os.path.exists(hotpot):
+    pytest.skip("shared data not found")
+  hf, _ = tiny_qwen3_dir(str(tmp_path))
+  config = os.path.join(ROOT, "configs", "searchqa_qwen3.py")
+  args = [f"--config.student.path={hf}", f"--config.teacher.path={hf}",
+          "--config.student.model.dtype=float32", "--config.teacher.model.dtype=float32",
+          "--config.teacher.model.param_dtype=float32", f"--config.env.options.corpus={hotpot}",
+          "--config.env.workers=2", "--config.env.prompt_len=256",
+          "--config.env.response_len=16", "--config.env.eval_batch=8",
+          "--config.optim.microbatches=2", "--config.rollout.tasks_per_step=4",
+          "--config.rollout.group_size=2", "--config.optim.minibatches=2",
+          "--config.optim.learning_rate=1e-3", "--config.train.steps=2",
+          "--config.train.eval_every=2", "--config.eval.episodes=8"]
+  two = _run(tmp_path / "two", 2, 4, config, *args)
+  _run(tmp_path / "one", 1, 8, config, *args)
+  _same_run(tmp_path / "one", tmp_path / "two")
+  assert "student_hf" in os.listdir(tmp_path / "two") and "wrote" not in two[1]
+  a = load_pretrained(str(tmp_path / "one" / "student_hf"), dtype="float32")
+  b = load_pretrained(str(tmp_path / "two" / "student_hf"), dtype="float32")
+  for u, v in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5)

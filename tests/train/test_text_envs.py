@@ -98,31 +98,15 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
   """configs/searchqa_qwen3.py as is (HF student and teacher, the student's tokenizer,
   the paper's question files), shrunk: a random tiny Qwen3 in an HF directory stands in
   for Qwen3-0.6B; the run trains it and exports it back to HF."""
-  from flax import nnx
-
-  from atod_jax.models import DecoderLM, ModelConfig, load_pretrained, save_pretrained
   from atod_jax.envs.searchqa import default_data_dir
-  from atod_jax.models.tokenizer import train_text_tokenizer
+  from atod_jax.models import load_pretrained
+  from tests.train.qwen3_dir import tiny_qwen3_dir
 
   hotpot = os.path.join(default_data_dir(), "searchqa", "hotpot_distractor",
                         "hotpot_dev_distractor_100.json")
   if not os.path.exists(hotpot):
     pytest.skip("shared data not found")
-  tok_dir = str(tmp_path / "tok")
-  tok = train_text_tokenizer(["<search>who wrote it</search> <answer>Paris</answer>"] * 4,
-                             300, tok_dir)
-  with open(os.path.join(tok_dir, "tokenizer_config.json")) as f:
-    tok_config = json.load(f)
-  tok_config["chat_template"] = (  # ChatML, as Qwen's: the windowed prompts go through it
-      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-  with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
-    json.dump(tok_config, f)
-  cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                    num_kv_heads=1, head_dim=16, intermediate_size=64, model_type="qwen3",
-                    qk_norm=True, dtype="float32", param_dtype="float32")
-  hf = str(tmp_path / "tiny-qwen3")
-  save_pretrained(DecoderLM(cfg, nnx.Rngs(0)), hf, tokenizer_dir=tok_dir)
+  hf, vocab = tiny_qwen3_dir(str(tmp_path))
   work = tmp_path / "run"
   cmd = [sys.executable, "-m", "atod_jax.main", f"--config={ROOT}/configs/searchqa_qwen3.py",
          f"--workdir={work}", f"--config.student.path={hf}", f"--config.teacher.path={hf}",
@@ -136,7 +120,7 @@ def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   exported = load_pretrained(os.path.join(work, "student_hf"), dtype="float32")
-  assert exported.cfg.vocab_size == tok.vocab_size
+  assert exported.cfg.vocab_size == vocab
   assert os.path.exists(os.path.join(work, "student_hf", "tokenizer.json"))
 
 

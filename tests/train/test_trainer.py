@@ -164,6 +164,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(refer
     ("--config.teacher.source=checkpoint", "config.teacher.path"),
     ("--config.rollout.group_size=1", "config.rollout.group_size"),
     ("--config.optim.minibatches=3", "config.optim.minibatches"),
+    ("--config.optim.optimizer=sgd", "config.optim.optimizer"),
     ("--config.objective.tdur_mode=entropy", "config.objective.tdur_mode"),
     ("--config.mesh.data=3", "config.mesh"),  # 8 devices here
     ("--config.mesh.fsdp=3", "config.mesh"),
@@ -432,6 +433,47 @@ def test_the_loop_runs_on_8_devices(tmp_path):
   assert summary["steps"] == 2 and 0.0 <= summary["final"]["eval/success"] <= 1.0
   graphdef, params, _ = model_io.load("checkpoint", str(tmp_path / "run" / "student"))
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_adafactor_state_is_sharded_checkpointed_and_resumed(tmp_path):
+  """optim.optimizer='adafactor' on a (data 4, fsdp 2) mesh: its factored second moments
+  (rows and columns: not parameter-shaped) are replicated, its parameter-shaped leaves
+  sharded as their parameters; a run stopped after step 1 and started again ends with
+  the parameters of an uninterrupted run."""
+  import optax
+  from atod_jax.models.config import ModelConfig
+  from atod_jax.models.sharding import make_mesh
+  from atod_jax.train import defaults as d, train
+  from atod_jax.train.loop import _state_shardings
+  config = tiny_config.get_config()
+  config.student.model = d.tiny_model(128, 1, 2, 256)  # its MLP is factored (dims >= 128)
+  config.optim.optimizer = "adafactor"
+  config.mesh.update(data=4, fsdp=2)
+  config.train.update(steps=2, eval_every=2)
+  config.teacher.cache_dir = str(tmp_path / "teacher")
+  tx = make_optimizer(config.optim)
+  _, shapes = model_io.abstract(ModelConfig(**config.student.model))
+  abstract = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+  sh = _state_shardings(tx, abstract, make_mesh(4, 2, 1))
+  params = {(x.shape, s.spec) for x, s in zip(jax.tree.leaves(abstract.params),
+                                              jax.tree.leaves(sh.params))}
+  opt = list(zip(jax.tree.leaves(abstract.opt_state), jax.tree.leaves(sh.opt_state)))
+  sharded = [(x.shape, s.spec) for x, s in opt if any(a is not None for a in s.spec)]
+  assert sharded and all(leaf in params for leaf in sharded)
+  for name in ("v_row", "v_col"):  # the factors: replicated
+    factors = zip(jax.tree.leaves(optax.tree_utils.tree_get(abstract.opt_state, name)),
+                  jax.tree.leaves(optax.tree_utils.tree_get(sh.opt_state, name)))
+    factors = [s.spec for x, s in factors if x.size > 1]
+    assert factors and not any(any(spec) for spec in factors)
+
+  train(config, str(tmp_path / "whole"), quiet=True)
+  with config.unlocked():
+    config.train.steps = 1
+  train(config, str(tmp_path / "parts"), quiet=True)
+  config.train.steps = 2
+  train(config, str(tmp_path / "parts"), quiet=True)
+  for a, b in zip(_student_params(str(tmp_path / "whole")), _student_params(str(tmp_path / "parts"))):
+    np.testing.assert_array_equal(a, b)
 
 
 @trainer_group
