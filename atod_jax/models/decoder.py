@@ -12,15 +12,17 @@ observations of different lengths per row all work the same way.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from atod_jax.models.config import ModelConfig
-from atod_jax.models.sharding import constrain_batch
+from atod_jax.models.sharding import constrain_batch, traced_batch_axes
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: all-masked rows stay NaN-free
 # Version of the parameter tree, stored with our checkpoints (HF directories are
@@ -350,23 +352,38 @@ class MoE(nnx.Module):
     self.down = _param(rngs, (e, i, h), ("expert", "mlp", "embed"), pd)
 
   def __call__(self, x):
-    cfg, dt = self.cfg, x.dtype
-    shape = x.shape
-    x = x.reshape(-1, shape[-1])  # [M, H]
-    logits = (x @ self.router[...].astype(dt)).astype(jnp.float32)
-    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.num_experts_per_tok)
-    if cfg.norm_topk_prob:
-      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    flat = experts.reshape(-1)  # [M * k]
-    order = jnp.argsort(flat)
-    token = order // cfg.num_experts_per_tok
-    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
-    xs = x[token]
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(xs, self.gate[...].astype(dt), sizes))
-              * jax.lax.ragged_dot(xs, self.up[...].astype(dt), sizes))
-    y = jax.lax.ragged_dot(hidden, self.down[...].astype(dt), sizes)
-    y = y * weights.reshape(-1)[order][:, None].astype(dt)
-    return jnp.zeros_like(x).at[token].add(y).reshape(shape)
+    """``x`` [B, T, H]. Under a mesh whose batch axes split the rows (the trainer's
+    whole-sequence forwards), each device routes its own rows' tokens with the layer's
+    experts gathered to it, as FSDP computes a dense MLP; routed over the global batch
+    instead, the sort and gather of the token copies made the compiler hold them whole
+    on every device."""
+    dt = x.dtype
+    weights = tuple(w[...].astype(dt) for w in (self.router, self.gate, self.up, self.down))
+    names = traced_batch_axes(x.shape[0])
+    if not names:
+      return _routed_experts(self.cfg, x, *weights)
+    local = jax.shard_map(functools.partial(_routed_experts, self.cfg),
+                          in_specs=(P(names),) + (P(),) * len(weights), out_specs=P(names),
+                          axis_names=set(names), check_vma=False)
+    return local(x, *weights)
+
+
+def _routed_experts(cfg: ModelConfig, x, router, gate, up, down):
+  shape = x.shape
+  x = x.reshape(-1, shape[-1])  # [M, H]
+  logits = (x @ router).astype(jnp.float32)
+  weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.num_experts_per_tok)
+  if cfg.norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  flat = experts.reshape(-1)  # [M * k]
+  order = jnp.argsort(flat)
+  token = order // cfg.num_experts_per_tok
+  sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+  xs = x[token]
+  hidden = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  y = jax.lax.ragged_dot(hidden, down, sizes)
+  y = y * weights.reshape(-1)[order][:, None].astype(x.dtype)
+  return jnp.zeros_like(x).at[token].add(y).reshape(shape)
 
 
 class DecoderLayer(nnx.Module):

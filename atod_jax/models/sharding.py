@@ -114,16 +114,24 @@ def constrain_batch(x: jax.Array, rules=DEFAULT_RULES) -> jax.Array:
   split the activations along the hidden axis, which leaves the MLP's activations whole
   on every device: the plan of a 4B student's update slice held a copy of them on each
   of 8 chips."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  axis = logical_to_mesh_axes(("batch",), rules)[0]
-  names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
-  names = tuple(a for a in names if a in mesh.axis_names)
-  size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-  if size == 1 or x.shape[0] % size:
+  names = traced_batch_axes(x.shape[0], rules)
+  if not names:
     return x
   return jax.lax.with_sharding_constraint(x, P(names, *([None] * (x.ndim - 1))))
+
+
+def traced_batch_axes(rows: int, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The axes of the mesh traced under (``jax.set_mesh`` / ``use_abstract_mesh``) that
+  hold ``rows`` batch rows (data and fsdp, those of size > 1), or ``()`` without a mesh,
+  when they are all of size 1, or when they do not divide ``rows``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axis = logical_to_mesh_axes(("batch",), rules)[0]
+  names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+  names = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+  size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+  return () if size == 1 or rows % size else names
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:

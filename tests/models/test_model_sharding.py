@@ -46,18 +46,23 @@ def test_sharded_logits_and_grads_match_single_device(cfg, shape):
                  nnx.state(got_grads), nnx.state(want_grads))
 
 
-def test_fsdp_forward_and_backward_split_the_work_under_the_mesh():
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fsdp_forward_and_backward_split_the_work_under_the_mesh(moe):
   """Under the mesh (as the trainer traces), a gradient on 8 fsdp devices does 1/8 of
   the single device's FLOPs per device and needs under a quarter of its temporaries:
   each device computes its own rows. (Left to itself, the compiler split the activations
   along the hidden axis here and did 2x the FLOPs per device with 77% of the one
   device's temporaries; on a TPU plan it held a 4B model's MLP activations whole on
-  every chip.)"""
+  every chip. A MoE layer routed over the global batch held half the one device's
+  temporaries on each of the 8: the sort and gather of the token copies were whole.)"""
   from atod_jax.models import checkpoint as model_io
   from atod_jax.models.sharding import leaf_shardings
   cfg = ModelConfig(vocab_size=1024, hidden_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=64, intermediate_size=1024, qk_norm=True,
                     dtype="float32", remat=True)
+  if moe:
+    cfg = cfg.replace(model_type="qwen3_moe", num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=128, norm_topk_prob=True)
   graphdef, shapes = model_io.abstract(cfg)
 
   def loss(p, t):
