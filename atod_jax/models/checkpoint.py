@@ -21,7 +21,7 @@ from flax import nnx
 from atod_jax.models import hf
 from atod_jax.models.config import ModelConfig
 from atod_jax.models.decoder import PARAMS_LAYOUT, DecoderLM
-from atod_jax.models.sharding import host_values, leaf_shardings
+from atod_jax.models.sharding import host_values, leaf_shardings, sync
 
 SOURCES = ("hf", "checkpoint", "gguf")  # the kinds :func:`load` reads (gguf: a file)
 
@@ -43,6 +43,7 @@ def save(path: str, params, cfg: ModelConfig, extra: dict | None = None):
   the structure is rebuilt from the config on load."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
+  sync(f"saving {path}")  # the gathers and orbax's barriers are collectives: arrive together
   if jax.process_count() > 1:  # orbax takes numpy values or global arrays, not a process's own
     params = host_values(params)
   with ocp.StandardCheckpointer() as ckpt:  # in a multi-process run, every process calls
@@ -53,9 +54,7 @@ def save(path: str, params, cfg: ModelConfig, extra: dict | None = None):
     if extra is not None:
       with open(os.path.join(path, "info.json"), "w") as f:
         json.dump(extra, f, indent=1)
-  if jax.process_count() > 1:  # the files are there for every process from here on
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"saved {path}")
+  sync(f"saved {path}")  # the files are there for every process from here on
 
 
 def saved_config(path: str) -> ModelConfig:

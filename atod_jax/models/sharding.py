@@ -165,6 +165,29 @@ def host_values(tree):
   return jax.tree.map(one, tree)
 
 
+_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+_barriers = 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process gets here (a no-op in a single-process run): a barrier
+  of the coordination service, which waits up to an hour for a process that is busy
+  (writing the run's files, compiling). On CPUs a collective is no such barrier: the
+  first one over a new set of devices fails when a process comes 30 s after another
+  (gloo's deadline for setting up its communicator)."""
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # what orbax's barriers use too
+  client = jax_distributed.global_state.client
+  if client is None:  # not joined through jax.distributed: a collective does it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  _barriers += 1  # a barrier's id is used once; every process counts the same calls
+  client.wait_at_barrier(f"atod_jax:{_barriers}:{name}", _BARRIER_TIMEOUT_MS)
+
+
 class RowSplit:
   """The rows of a global ``[size, ...]`` batch (rows over the mesh's data axes, as
   :func:`shard_batch` places them) that this process holds: in a multi-process run

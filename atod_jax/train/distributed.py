@@ -19,6 +19,8 @@ import os
 
 import jax
 
+from atod_jax.models.sharding import sync  # noqa: F401  (the run's barrier)
+
 _CLUSTER_HINTS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
@@ -56,10 +58,3 @@ def initialize(distributed=None) -> bool:
 def is_main() -> bool:
   """Whether this process writes the run's logs and exports (process 0)."""
   return jax.process_index() == 0
-
-
-def sync(name: str) -> None:
-  """Waits until every process gets here (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)

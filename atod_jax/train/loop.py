@@ -286,8 +286,8 @@ def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: i
   best = max((r[key_] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
   if result[key_] >= best:  # (every process: orbax writes with all of them)
-    model_io.save(os.path.join(run.workdir, "student_best"), host_values(state.params),
-                  run.model_cfg, {"step": done, **result})
+    model_io.save(os.path.join(run.workdir, "student_best"), state.params, run.model_cfg,
+                  {"step": done, **result})
 
 
 def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, bool]:
@@ -313,6 +313,7 @@ def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, b
         interrupted = stop.hit and done < steps
         if done % t.checkpoint_every == 0 or done == steps or interrupted:
           if last_saved != done:
+            distributed.sync(f"checkpoint {done}")  # orbax's barriers are collectives
             manager.save(done, args=ocp.args.StandardSave(state))
             last_saved = done
         bar.update(1)
@@ -339,6 +340,7 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
   summary = {"method": config.method, "seed": config.seed, "steps": config.train.steps,
              "final": evals[-1], "best_success": max(e["eval/success"] for e in evals),
              "selected": chosen, "step0": evals[0], "teacher": run.teacher_metrics}
+  final_params = host_values(state.params)  # (a collective: before process 0's writing)
   if main:
     try:
       logs.plot(log, run.teacher_metrics, os.path.join(workdir, "curves.png"), title)
@@ -349,7 +351,6 @@ def finish_run(run: Run, state: TrainState, log: logs.MetricsLog) -> dict:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
   log.close()
-  final_params = host_values(state.params)
   model_io.save(os.path.join(workdir, "student"), final_params, run.model_cfg)
   if main and config.student.init in ("hf", "gguf"):
     from flax import nnx

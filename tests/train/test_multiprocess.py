@@ -46,9 +46,16 @@ def _run(workdir, processes: int, devices: int, config: str, *overrides):
   procs = _start(workdir, processes, devices, config, *overrides)
   logs = [p.communicate(timeout=900)[0] for p in procs]
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{logs[i][-2500:]}"
+  assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{_excerpt(logs[i])}"
                                 for i in range(processes))
   return logs
+
+
+def _excerpt(log: str) -> str:
+  """The first error of a process's output (a crash's later abort hides it) and its end."""
+  first = log.find("Traceback (most recent call last)")
+  head = log[first:first + 2500] + "\n[...]\n" if first >= 0 else ""
+  return head + log[-1500:]
 
 
 def _same_run(one, two):
@@ -162,3 +169,55 @@ def test_hf_student_and_teacher_sharded_over_two_processes_equal_one(tmp_path):
   b = load_pretrained(str(tmp_path / "two" / "student_hf"), dtype="float32")
   for u, v in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-5)
+
+
+LATE = """
+import sys, time
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from atod_jax.train import distributed
+distributed.initialize({"coordinator": sys.argv[1], "num_processes": 2,
+                        "process_id": int(sys.argv[2])})
+if jax.process_index() == 0:
+  time.sleep(float(sys.argv[3]))  # process 0 writing plots, or compiling, on a loaded machine
+if sys.argv[4] == "sync":
+  distributed.sync("late")
+print(multihost_utils.process_allgather(np.arange(2) + jax.process_index()).sum())
+"""
+
+
+@pytest.mark.parametrize("barrier", ["sync", "none"])
+def test_a_process_40s_late_is_waited_for(tmp_path, barrier):
+  """distributed.sync is a barrier of the coordination service: a process that gets to
+  it 40 s after the other is waited for (up to an hour), and the collective after it
+  starts together. Without it, the first collective over a new set of devices fails:
+  gloo sets up its communicator with a 30 s deadline (this case shows that the test's
+  40 s matter)."""
+  script = tmp_path / "late.py"
+  script.write_text(LATE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = _port()
+  outs = [open(tmp_path / f"{i}.log", "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, str(script), f"localhost:{port}", str(i), "40",
+                             barrier], cwd=ROOT, env=env, stdout=outs[i],
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for f in outs:  # (the processes hold their own)
+    f.close()
+  if barrier == "sync":
+    for p in procs:
+      p.wait(timeout=600)
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    assert all(p.returncode == 0 for p in procs), [_excerpt(g) for g in logs]
+    assert [g.strip().splitlines()[-1] for g in logs] == ["4", "4"]
+  else:  # process 1 fails at 30 s (then both wait for each other at shutdown, for minutes)
+    deadline = time.monotonic() + 300
+    failure = "Gloo context initialization failed"
+    while (failure not in (tmp_path / "1.log").read_text() and time.monotonic() < deadline
+           and procs[1].poll() is None):
+      time.sleep(0.5)
+    for p in procs:
+      p.kill()
+      p.wait()
+    log = (tmp_path / "1.log").read_text()
+    assert failure in log, _excerpt(log)
