@@ -31,7 +31,9 @@ def test_notebook_is_stored_without_outputs(name):
 
 
 @notebook_group
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [  # the two that run a training loop: the long step
+    pytest.param(n, marks=pytest.mark.long) if n != "objective_in_your_loop.ipynb" else n
+    for n in NOTEBOOKS])
 def test_notebook_runs_on_a_cpu(name, tmp_path, monkeypatch):
   """Executed top to bottom in a fresh kernel with ATOD_JAX_NOTEBOOK_SMALL=1; any
   exception in any cell fails the test."""
@@ -64,6 +66,7 @@ def _notebook_namespace(name, until):
   raise AssertionError(f"{name} defines no {until}")
 
 
+@pytest.mark.long
 def test_own_loop_objective_equals_the_trainers():
   """The notebook's ``atod_loss`` on a trainer batch (the household rollout of a tiny
   student, scored by a tiny teacher) gives the loss and the gradients of the trainer's

@@ -2,6 +2,7 @@
 import importlib.util
 
 import numpy as np
+import pytest
 
 from atod_jax.data.demos import (
     build_demonstrations, collect_expert_episodes, decode_episode, load_demonstrations)
@@ -9,6 +10,7 @@ from atod_jax.envs import household as hh
 from atod_jax.envs.household_text import HouseholdTextEnv
 
 
+@pytest.mark.long
 def test_demonstrations_roundtrip_without_tensorflow(tmp_path):
   assert importlib.util.find_spec("tensorflow") is None  # the point of array_record
   env = HouseholdTextEnv(hh.HouseholdParams.preset("medium"), seed=4, with_admissible=False)

@@ -34,6 +34,7 @@ def test_splits_and_task_types(env):
     tg.AlfWorldEnv(data_dir="/nonexistent/json_2.1.1")
 
 
+@pytest.mark.long
 def test_planner_expert_wins_one_game_of_each_type(env):
   types = env.task_types("valid_unseen")
   ids = [types.index(t) for t in tg.ALFWORLD_TASK_TYPES.values()]
@@ -74,6 +75,7 @@ def test_turn_limit():
   env.close()
 
 
+@pytest.mark.long
 def test_through_the_pool_and_into_the_dataset(env, tmp_path):
   looks = [i for i, t in enumerate(env.task_types("valid_train")) if t == "look"]  # short plans
   check_pool(functools.partial(tg.alfworld_env), "valid_train", looks[:4], local=env)

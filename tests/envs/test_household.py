@@ -56,6 +56,7 @@ def test_random_policy_rarely_succeeds(preset):
   assert rate < 0.1
 
 
+@pytest.mark.long
 def test_long_preset_needs_long_episodes():
   # three objects to treat and put away: every expert episode takes 15+ turns (the
   # other presets' take 4-9), and the task says how many
@@ -96,6 +97,7 @@ def test_reset_is_deterministic_and_valid():
   assert not np.any(present & (loc_type == np.asarray(st.goal)[:, 2:3]))
 
 
+@pytest.mark.long
 def test_text_protocol_matches_on_device():
   """Same tasks, same commands (the expert's, then scripted invalid ones): same episode."""
   params = hh.HouseholdParams.preset("medium")

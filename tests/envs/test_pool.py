@@ -114,6 +114,7 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
   assert not any(_alive(p) for p in pids)
 
 
+@pytest.mark.long
 def test_household_tasks_through_the_pool_match_in_process():
   import functools
 

@@ -22,6 +22,7 @@ def env():
   e.close()
 
 
+@pytest.mark.long
 def test_gold_paths_reach_score_100(env):
   pairs = env.variations("test")
   ids = [next(i for i, (t, _) in enumerate(pairs) if t == task) for task in TASKS]
@@ -54,6 +55,7 @@ def test_invalid_action_and_leaving_the_gold_path(env):
   assert batch.expert[0] is None and not batch.dones[0]
 
 
+@pytest.mark.long
 def test_through_the_pool_and_into_the_dataset(env, tmp_path):
   factory = functools.partial(sw.scienceworld_env, tasks=TASKS[:1], max_variations=4)
   check_pool(factory, "train", [0, 1, 2, 3])

@@ -28,6 +28,7 @@ def test_banner_and_status_line_are_stripped():
                                      "You scored 3 out of a possible 3.")
 
 
+@pytest.mark.long
 def test_expert_wins_fresh_cooking_and_custom_games(cache):
   for kind, options in (tg.COOKING, CUSTOM):
     env = tg.TextWorldEnv(kind, options, cache_dir=cache,
@@ -55,6 +56,7 @@ def test_invalid_action_and_a_cached_game_is_not_made_again(cache):
   env.close()
 
 
+@pytest.mark.long
 def test_through_the_pool_and_into_the_dataset(cache, tmp_path):
   splits = {"train": [21, 22, 23, 24]}
   local = tg.TextWorldEnv(cache_dir=cache, splits=splits)

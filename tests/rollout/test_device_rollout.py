@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from atod_jax.envs import household as hh
@@ -81,6 +82,7 @@ def test_malformed_response_is_an_invalid_turn():
   assert not bool(hh.step(PARAMS, state, jnp.asarray(cmd[0]))[1].invalid)
 
 
+@pytest.mark.long
 def test_expert_noise_keeps_random_commands_in_context_but_not_imitated():
   run = jax.jit(lambda k, noise: rollout(None, SPEC, k, jax.random.key(4), sampling=None,
                                          expert_noise=noise), static_argnums=1)
@@ -96,6 +98,7 @@ def test_expert_noise_keeps_random_commands_in_context_but_not_imitated():
   assert float(jnp.mean(noisy.won)) > 0.5  # the expert recovers from most of them
 
 
+@pytest.mark.long
 def test_turn_rewards_penalties_and_anchor_states():
   """Per-turn rewards sum to the episode's, invalid turns cost the penalty, and the
   anchor key names the state: the rollouts of one task share it on turn 0, and a

@@ -145,6 +145,7 @@ def _window_codec(tmp_path, turns=6, prompt_len=512, response_len=40, history=2)
   return env, TextCodec(tok, spec, "household")
 
 
+@pytest.mark.long
 def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
   """Each turn's segment holds its own prompt and response; read alone it gives the
   recorded log-probs; pack + trim keep every generated token's score; the advantages

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.long, pytest.mark.xdist_group("multiprocess")]
 TIMING = ("step_seconds", "tokens_per_s")
 
 

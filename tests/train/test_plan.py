@@ -73,6 +73,7 @@ def test_meshes_cover_every_split():
   assert all(d * f * t == 8 for d, f, t in pl.meshes(8)) and len(pl.meshes(8)) == 10
 
 
+@pytest.mark.long
 @needs_libtpu
 def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   """configs/alfworld_qwen3.py with Qwen3-0.6B and a Qwen3-4B teacher, the paper's batch

@@ -59,6 +59,7 @@ def _run(config, workdir, *extra):
   return records, proc
 
 
+@pytest.mark.long
 @pytest.mark.skipif(_needs("textworld"), reason="needs the textworld extra")
 def test_textworld_tiny(tmp_path):
   # few seeds: each game not yet in the (default) cache takes tw-make 2-5 s
@@ -69,6 +70,7 @@ def test_textworld_tiny(tmp_path):
   assert [e["step"] for e in evals] == [0, 2]
 
 
+@pytest.mark.long
 @pytest.mark.skipif(_needs("bm25s"), reason="needs the search extra")
 @_data("searchqa", "hotpot_distractor")
 @pytest.mark.parametrize("method", ["atod", "gigpo", "gkd"])
@@ -76,6 +78,7 @@ def test_searchqa_tiny(tmp_path, method):
   _run("searchqa_tiny.py", tmp_path / "run", f"--config.method={method}")
 
 
+@pytest.mark.long
 @pytest.mark.skipif(_needs("rapidfuzz"), reason="needs the webshop extra")
 @_data("webshop")
 def test_webshop_tiny(tmp_path):
@@ -93,6 +96,7 @@ def test_alfworld_tiny_reports_task_types(tmp_path):
   assert any(k.startswith("eval/success/") for k in final)
 
 
+@pytest.mark.long
 @pytest.mark.skipif(_needs("bm25s"), reason="needs the search extra")
 def test_paper_scale_config_runs_with_hf_student_and_teacher(tmp_path):
   """configs/searchqa_qwen3.py as is (HF student and teacher, the student's tokenizer,

@@ -108,6 +108,7 @@ def test_uninterrupted_run_writes_everything(reference):
   assert os.path.exists(os.path.join(teacher, "teacher_eval.json"))
 
 
+@pytest.mark.long
 @trainer_group
 def test_kill_9_then_resume_is_bit_identical(reference):
   root, teacher, ref, _ = reference
@@ -435,6 +436,7 @@ def test_the_loop_runs_on_8_devices(tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.long
 def test_adafactor_state_is_sharded_checkpointed_and_resumed(tmp_path):
   """optim.optimizer='adafactor' on a (data 4, fsdp 2) mesh: its factored second moments
   (rows and columns: not parameter-shaped) are replicated, its parameter-shaped leaves
@@ -476,6 +478,7 @@ def test_adafactor_state_is_sharded_checkpointed_and_resumed(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.long
 @trainer_group
 def test_sft_baseline_trains_on_expert_episodes(reference):
   root, teacher, ref, _ = reference
@@ -488,6 +491,7 @@ def test_sft_baseline_trains_on_expert_episodes(reference):
   assert "kappa" not in train[0]  # no teacher, no advantages
 
 
+@pytest.mark.long
 @trainer_group
 @pytest.mark.parametrize("method, extra", [("gigpo", ""), ("gkd", ""),
                                            ("atod", "--config.objective.opd_signal=full_vocab")])
