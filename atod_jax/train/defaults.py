@@ -174,10 +174,8 @@ def paper_run(env: dict) -> ml_collections.ConfigDict:
   c = base("atod")
   c.env = env
   # the frozen teacher computes in bf16 and has no update: bf16 weights are the same
-  # numbers at half the memory (the student keeps f32 master weights); no backward pass
-  # goes through it, so no remat (whose scan over the layers stacks a copy of their
-  # weights: a 30B-A3B teacher's scoring on v5e-8 held 13.17 GiB of temporaries with it)
-  c.teacher = teacher_from("hf", dtype="bfloat16", param_dtype="bfloat16", remat=False)
+  # numbers at half the memory (the student keeps f32 master weights)
+  c.teacher = teacher_from("hf", dtype="bfloat16", param_dtype="bfloat16", remat=True)
   c.student = student_from("hf", dtype="bfloat16", remat=True)
   c.optim.update(learning_rate=1e-6, warmup_steps=0, weight_decay=0.01, microbatches=8)
   # bf16: the sampler's log-probs are ~1e-2 from a forward's on a Qwen3-0.6B shape (mean
