@@ -54,7 +54,16 @@ def _student_params(workdir):
   return jax.tree.leaves(model_io.load("checkpoint", os.path.join(workdir, "student"))[1])
 
 
-def _wait_for_train_records(proc, workdir, n, timeout=600):
+def _committed_checkpoints(workdir):
+  """Steps of the orbax checkpoints written in full (an unfinished one is a tmp folder)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return [d for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+
+
+def _wait_for_train_records(proc, workdir, n, timeout=600, checkpoint=False):
+  """Until ``n`` train records are written (and, with ``checkpoint``, a checkpoint is
+  committed: the saves are asynchronous, and on a busy machine the first may still be
+  in flight several steps on)."""
   path = os.path.join(workdir, "metrics.jsonl")
   start = time.time()
   while time.time() - start < timeout:
@@ -62,7 +71,8 @@ def _wait_for_train_records(proc, workdir, n, timeout=600):
       raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
     if os.path.exists(path):
       with open(path) as f:
-        if sum('"kind": "train"' in line for line in f) >= n:
+        if sum('"kind": "train"' in line for line in f) >= n and (
+            not checkpoint or _committed_checkpoints(workdir)):
           return
     time.sleep(0.2)
   raise AssertionError("timed out")
@@ -115,7 +125,8 @@ def test_kill_9_then_resume_is_bit_identical(reference):
   work = str(root / "killed")
   proc = subprocess.Popen(_cmd(work, teacher), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for_train_records(proc, work, int(np.random.default_rng().integers(2, 5)))
+  _wait_for_train_records(proc, work, int(np.random.default_rng().integers(2, 5)),
+                          checkpoint=True)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   out = _run(work, teacher)

@@ -68,13 +68,19 @@ class TextSource:
       return Tokenizer.from_pretrained(student)
     if e.tokenizer != "build":
       return Tokenizer.from_pretrained(os.path.expanduser(e.tokenizer))
+    from atod_jax.train import distributed
     fingerprint = {"env": env_fingerprint(e)}
     stamp = os.path.join(path, "fingerprint.json")
+    built = False
     if os.path.exists(stamp):
       with open(stamp) as f:
-        if json.load(f) == fingerprint:
-          return Tokenizer.from_pretrained(path)
-    from atod_jax.train import distributed
+        built = json.load(f) == fingerprint
+    # every process has looked before process 0 can write: training the tokenizer takes no
+    # collective, so a process that came later would otherwise find the new stamp, skip
+    # the barrier below and leave process 0 waiting at it
+    distributed.sync("tokenizer looked for")
+    if built:
+      return Tokenizer.from_pretrained(path)
     if distributed.is_main():  # one process trains and writes it; the others read it
       from atod_jax.data.demos import collect_expert_episodes
       n = min(e.tokenizer_episodes, self.num_train)
