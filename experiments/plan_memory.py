@@ -2,7 +2,8 @@
 compiles here; ``pip install "jax[tpu]"``).
 
     JAX_PLATFORMS=cpu python experiments/plan_memory.py [--targets v5e:2x4,v6e:2x4,v5p:2x2x1] \
-        [--pairs qwen3-4b/qwen3-4b] [--microbatches 8,16,32] [--optimizer adafactor] [--fsdp-only]
+        [--pairs qwen3-4b/qwen3-4b] [--microbatches 8,16,32] [--optimizer adafactor] [--fsdp-only] \
+        [--offload-teacher]
 
 For each student (Qwen3-0.6B, 1.7B, 4B) with the Qwen3-4B teacher, and the 4B student
 with Qwen3-30B-A3B, on each target: the first mesh / micro-batch setting that fits
@@ -33,12 +34,15 @@ def main():
                       help="micro-batch counts to try, e.g. 8,16,32 (default: the config's, x2, x4)")
   parser.add_argument("--optimizer", default="", help="adamw or adafactor (default: the config's)")
   parser.add_argument("--fsdp-only", action="store_true", help="only the all-fsdp mesh")
+  parser.add_argument("--offload-teacher", action="store_true",
+                      help="the teacher's weights in host memory (teacher.offload=True)")
   parser.add_argument("--out", default="", help="also write the tables (markdown) here")
   args = parser.parse_args()
   spec = importlib.util.spec_from_file_location("config", args.config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config()
+  config.teacher.offload = args.offload_teacher
   from atod_jax.train import plan as planner
   pairs = [tuple(p.split("/")) for p in args.pairs.split(",")] if args.pairs else PAIRS
   say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -404,6 +404,33 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
 
+def _on_host(v) -> bool:
+  return isinstance(v, jax.Array) and jax.typeof(v).memory_space == jax.memory.Space.Host
+
+
+def on_device(tree):
+  """``tree`` with every array that lives in host memory (placed with
+  ``memory_kind="pinned_host"``: an offloaded teacher) copied to the device's memory;
+  arrays already there are returned as they are. Inside ``jit`` the memory space is
+  part of each value's type, so this is decided at trace time and costs nothing for a
+  model on the device."""
+  return jax.tree.map(lambda v: jax.device_put(v, jax.memory.Space.Device) if _on_host(v)
+                      else v, tree)
+
+
+def _layer_on_device(layer, x):
+  """``(x, layer)`` with a host-resident layer's weights copied to the device once ``x``
+  (the layer's input) exists: tied to it by an ``optimization_barrier``, the copy of
+  one layer cannot start before the previous layer is done, so an offloaded model holds
+  one layer's weights on the device at a time instead of the compiler fetching them all
+  at once. A layer on the device is returned as it is."""
+  graphdef, state = nnx.split(layer)
+  if not any(_on_host(v) for v in jax.tree.leaves(state)):
+    return x, layer
+  x, state = jax.lax.optimization_barrier((x, state))
+  return x, nnx.merge(graphdef, on_device(state))
+
+
 @nnx.remat
 def _remat_layer(layer, x, rope, valid):
   return layer(x, rope, valid, None, None)
@@ -416,7 +443,8 @@ def _scan_remat_layers(layers, x, rope, valid):
   recomputations early, and a 30-layer model then holds all of them; the scan's
   sequential structure cannot be reordered.) ``layers`` must share one structure."""
   graphdef = nnx.graphdef(layers[0])
-  stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(layer) for layer in layers])
+  stacked = jax.tree.map(lambda *v: jnp.stack(v),
+                         *[on_device(nnx.state(layer)) for layer in layers])
 
   @jax.checkpoint
   def body(x, state):
@@ -444,11 +472,15 @@ class DecoderLM(nnx.Module):
     first = nnx.graphdef(self.layers[0])
     return all(nnx.graphdef(layer) == first for layer in self.layers[1:])
 
+  def _on_host(self) -> bool:
+    """Whether the layers' weights live in host memory (``memory_kind="pinned_host"``)."""
+    return any(_on_host(v) for v in jax.tree.leaves(nnx.state(self.layers)))
+
   def unembed_matrix(self, dtype) -> jax.Array:
     """``[H, V]`` output projection (the embedding, transposed, when tied)."""
     if self.cfg.tie_word_embeddings:
-      return self.embed[...].astype(dtype).T
-    return self.lm_head[...].astype(dtype)
+      return on_device(self.embed[...]).astype(dtype).T
+    return on_device(self.lm_head[...]).astype(dtype)
 
   def hidden_states(self, tokens, positions=None, valid=None, cache: KVCache | None = None):
     """Final-norm hidden states ``[B, T, H]`` and the updated cache (or None).
@@ -467,7 +499,7 @@ class DecoderLM(nnx.Module):
       offset = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
       base = 0 if cache is None else cache.next_position[:, None]
       positions = base + jnp.maximum(offset, 0)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = jnp.take(on_device(self.embed[...]), tokens, axis=0).astype(cfg.compute_dtype)
     # a whole-sequence forward (scoring, the update) keeps its rows on their devices;
     # with a cache (the rollout), the compiler's own layout: moving a decode step's few
     # activations costs less than gathering the weights
@@ -477,11 +509,16 @@ class DecoderLM(nnx.Module):
     if cache is not None:
       slot_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, 1)
     keys, values = [], []
-    if cfg.remat and cache is None and self._uniform_layers():
-      return self.norm(_scan_remat_layers(self.layers, x, rope, valid)), None
+    # the layers' scan stacks their weights: an offloaded model (weights in host memory,
+    # a frozen teacher: nothing differentiates it) streams them one layer at a time
+    # through the loop below instead
+    if cfg.remat and cache is None and self._uniform_layers() and not self._on_host():
+      x = _scan_remat_layers(self.layers, x, rope, valid)
+      return _layer_on_device(self.norm, x)[1](x), None
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i], slot_valid)
       index = None if cache is None else cache.index
+      x, layer = _layer_on_device(layer, x)
       if cfg.remat and cache is None:
         x, new_kv = _remat_layer(layer, x, rope, valid)
       else:
@@ -490,7 +527,7 @@ class DecoderLM(nnx.Module):
       if new_kv is not None:
         keys.append(new_kv[0])
         values.append(new_kv[1])
-    x = self.norm(x)
+    x = _layer_on_device(self.norm, x)[1](x)
     if cache is None:
       return x, None
     new_cache = KVCache(

@@ -57,19 +57,23 @@ def spec_for(shape: Sequence[int], logical_axes, mesh: Mesh, rules=DEFAULT_RULES
   return P(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for every variable of an (abstract or concrete) NNX state."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES,
+                    memory_kind: str | None = None):
+  """NamedShardings for every variable of an (abstract or concrete) NNX state;
+  ``memory_kind="pinned_host"`` keeps the shards in the host memory of their devices
+  (an offloaded teacher: the decoder copies each layer to the device as it uses it)."""
   def one(var):
     axes = getattr(var, "logical_axes", None) or (None,) * len(var.shape)
-    return NamedSharding(mesh, spec_for(var.shape, axes, mesh, rules))
+    return NamedSharding(mesh, spec_for(var.shape, axes, mesh, rules), memory_kind=memory_kind)
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def leaf_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+def leaf_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES,
+                   memory_kind: str | None = None):
   """:func:`state_shardings` with exactly ``state``'s tree structure (a sharding per
   array leaf), for ``jax.tree.map`` alongside the state."""
   return jax.tree.unflatten(jax.tree.structure(state),
-                            jax.tree.leaves(state_shardings(state, mesh, rules)))
+                            jax.tree.leaves(state_shardings(state, mesh, rules, memory_kind)))
 
 
 def place(tree, shardings):

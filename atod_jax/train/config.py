@@ -93,6 +93,9 @@ def _validate_device_env(config) -> None:
 def _validate_models(config) -> None:
   _choice(config, "student.init", STUDENT_INITS)
   _choice(config, "teacher.source", TEACHER_SOURCES)
+  if not isinstance(config.teacher.get("offload", False), bool):
+    raise ConfigError(f"config.teacher.offload: must be True or False, got "
+                      f"{config.teacher.offload!r}")
   if config.teacher.source == "build":
     _need("build" in config.teacher, "teacher.build", "missing (teacher.source='build')")
     for f in ("demo_episodes", "sft_steps", "batch_size", "learning_rate"):

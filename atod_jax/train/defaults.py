@@ -103,7 +103,7 @@ def built_teacher(model: dict, *, cache_dir: str = "", **build) -> dict:
                   # keep the build's best parameters on the selection split, scored every
                   # select_every steps on select_episodes episodes (0: keep the last)
                   select_every=25, select_episodes=128)
-  return dict(source="build", path="", cache_dir=cache_dir, model=model,
+  return dict(source="build", path="", cache_dir=cache_dir, offload=False, model=model,
               build=dict(defaults, **build))
 
 
@@ -118,7 +118,7 @@ def teacher_from(kind: str = "hf", path: str = "", **model_fields) -> dict:
   """A teacher read from an HF directory (``kind="hf"``) or our checkpoint
   (``"checkpoint"``); ``model_fields`` override the directory's config (``dtype``,
   ``remat``)."""
-  return dict(source=kind, path=path, cache_dir="", model=model_fields)
+  return dict(source=kind, path=path, cache_dir="", offload=False, model=model_fields)
 
 
 def student_from(kind: str = "hf", path: str = "", **model_fields) -> dict:

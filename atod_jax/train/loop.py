@@ -163,11 +163,17 @@ def prepare_teacher(run: Run) -> None:
   graphdef, params, run.teacher_cfg, info = get_teacher(run.config, run.source, run.workdir,
                                                          run.mesh, run.say)
   params = place(params, leaf_shardings(params, run.mesh))
-  run.teacher = (graphdef, params)
   run.teacher_metrics = evaluation.teacher_metrics(run.config, graphdef, params, run.source,
                                                    info, run.workdir)
   run.say(f"teacher: held-out success {run.teacher_metrics['eval/success']:.3f} "
           f"(T={run.config.eval.temperature})")
+  if run.config.teacher.get("offload", False):
+    # evaluated on the devices (its rollout decodes token by token), then moved to the
+    # host before the student's state exists: its scoring copies one layer at a time
+    params = place(params, leaf_shardings(params, run.mesh, memory_kind="pinned_host"))
+    run.say("teacher: weights in host memory (teacher.offload), copied to the devices "
+            "layer by layer when it scores")
+  run.teacher = (graphdef, params)
 
 
 def _state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:

@@ -141,10 +141,14 @@ def topology(target: str):
 
 
 # ------------------------------------------------------------------ abstract arrays
-def _bytes_per_chip(tree) -> int:
-  """Bytes one chip holds of a tree of sharded ``ShapeDtypeStruct`` (the largest shard)."""
+def _bytes_per_chip(tree, memory_kind: str | None = None) -> int:
+  """Bytes one chip holds of a tree of sharded ``ShapeDtypeStruct`` (the largest shard)
+  in its HBM (``memory_kind`` None) or in its host's memory (``"pinned_host"``)."""
   total = 0
   for x in jax.tree.leaves(tree):
+    kind = getattr(x.sharding, "memory_kind", None)
+    if (kind == "pinned_host") != (memory_kind == "pinned_host"):
+      continue
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
   return total
@@ -166,9 +170,9 @@ def _batched(tree, mesh):
   return jax.tree.map(lambda x: _on(x, _batch_spec(x.shape, mesh)), tree)
 
 
-def _params(cfg: ModelConfig, mesh):
+def _params(cfg: ModelConfig, mesh, memory_kind: str | None = None):
   graphdef, shapes = model_io.abstract(cfg)
-  return graphdef, jax.tree.map(_on, shapes, leaf_shardings(shapes, mesh))
+  return graphdef, jax.tree.map(_on, shapes, leaf_shardings(shapes, mesh, memory_kind=memory_kind))
 
 
 def _trajectory(rows: int, spec: TextRollout) -> Trajectory:
@@ -376,7 +380,8 @@ class _Step:
   def __post_init__(self):
     self.tx = make_optimizer(self.optim)
     self.graphdef, self.s_params = _params(self.s_cfg, self.mesh)
-    self.t_graph, self.t_params = _params(self.t_cfg, self.mesh)
+    self.t_graph, self.t_params = _params(
+        self.t_cfg, self.mesh, "pinned_host" if self.config.teacher.get("offload") else None)
     from atod_jax.train.loop import _state_shardings
     abstract = jax.eval_shape(lambda p: init_state(p, self.tx), self.s_params)
     self.state = jax.tree.map(_on, abstract, _state_shardings(self.tx, abstract, self.mesh))
@@ -426,7 +431,10 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
                model_config(teacher, config.teacher.model.to_dict()), rows,
                max(rows, e.eval_batch))
   s_cfg, t_cfg = step.s_cfg, step.t_cfg
-  notes = [f"student {s_cfg.num_params() / 1e9:.2f} B parameters ({s_cfg.param_dtype}, "
+  offloaded = _bytes_per_chip(step.t_params, "pinned_host")
+  notes = [f"teacher offloaded (teacher.offload): {offloaded / GiB:.2f} GiB a chip in host "
+           "memory, copied to the chips layer by layer in every scoring call"] if offloaded else []
+  notes += [f"student {s_cfg.num_params() / 1e9:.2f} B parameters ({s_cfg.param_dtype}, "
            f"compute {s_cfg.dtype}, remat {s_cfg.remat}); teacher "
            f"{t_cfg.num_params() / 1e9:.2f} B ({t_cfg.param_dtype}, compute {t_cfg.dtype})",
            f"rollout: {step.roll_rows} episodes a call, {spec.max_turns} turns of a "
@@ -513,8 +521,14 @@ def _update_rows(step: _Step) -> tuple[list[Row], str]:
   if distill:
     flops += step.optim.epochs * forward_flops(t_cfg, tokens, pairs, tokens)
   out.append(_row("update", compiled, 1, 0 if distill else t_bytes, flops))
-  return out, (f"sequences sliced as run: teacher scoring in {chunks} chunks, each "
-               f"mini-batch's gradient in {walk.microbatches} slices")
+  note = (f"sequences sliced as run: teacher scoring in {chunks} chunks, each "
+          f"mini-batch's gradient in {walk.microbatches} slices")
+  offloaded = _bytes_per_chip(step.t_params, "pinned_host")
+  if offloaded and update.scores_tokens:
+    note += (f"; the offloaded teacher crosses from host memory once a chunk: "
+             f"{chunks * offloaded / GiB:,.0f} GiB a chip a step (not in the time bound: "
+             "it depends on the host-to-chip bandwidth)")
+  return out, note
 
 
 def meshes(chips: int) -> list[tuple[int, int, int]]:

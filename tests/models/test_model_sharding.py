@@ -101,3 +101,30 @@ def test_make_mesh_fsdp_takes_the_devices_left():
   assert dict(make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 1 * 2}
   with pytest.raises(ValueError, match="do not split into data=3"):
     make_mesh(3, -1, 1)
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE.replace(remat=True)], ids=["dense", "moe-remat"])
+def test_parameters_in_host_memory_give_the_device_numbers(cfg):
+  """An offloaded model (``teacher.offload``: its shards in the devices' host memory)
+  scores exactly as on the devices, remat or not; each layer's copy to the device is
+  tied to its input (one ``optimization_barrier`` a layer and the final norm), and a
+  model on the devices gets none of that."""
+  from atod_jax.models.sharding import leaf_shardings
+  mesh = make_mesh(1, 8, 1)
+  graphdef, params = nnx.split(DecoderLM(cfg, nnx.Rngs(1)))
+  on_device = jax.device_put(params, leaf_shardings(params, mesh))
+  on_host = jax.device_put(params, leaf_shardings(params, mesh, memory_kind="pinned_host"))
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(on_host)} == {"pinned_host"}
+  tokens = jax.device_put(jnp.asarray(np.random.default_rng(0).integers(0, 128, (8, 24))),
+                          batch_sharding(mesh))
+  fn = jax.jit(lambda p, t: smp.token_logprobs(nnx.merge(graphdef, p), t, chunk_size=8))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    want, got = fn(on_device, tokens), fn(on_host, tokens)
+    barriers = [fn.lower(p, tokens).as_text().count("stablehlo.optimization_barrier")
+                for p in (on_device, on_host)]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # on the devices: MoE's own tie a layer, once in the scan's body with remat; in host
+  # memory the layers are never scanned (the scan would stack a copy of them all): a tie
+  # a layer and one for the final norm, besides MoE's
+  moe = (1 if cfg.remat else cfg.num_layers) if cfg.num_experts else 0
+  assert barriers == [moe, (cfg.num_layers if cfg.num_experts else 0) + cfg.num_layers + 1]

@@ -132,3 +132,39 @@ def test_moe_layers_gather_their_experts_one_layer_at_a_time_on_tpu():
     temps = fn.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
   layer_experts = 3 * 64 * 1024 * 768 * 2  # gate, up and down of one layer, bf16, whole
   assert temps < 2 * layer_experts, (temps / 2**20, layer_experts / 2**20)
+
+
+@needs_libtpu
+def test_offloaded_teacher_scores_from_host_memory_on_tpu():
+  """``teacher.offload``: the teacher's weights are arguments in the chips' host memory
+  (the TPU compiler counts them there, not in HBM), the scoring compiled for v5e:2x4
+  copies one layer at a time (its temporaries hold about a layer's weights, not the
+  model's), and the plan counts the teacher as resident nowhere on the chip."""
+  cfg = ModelConfig(vocab_size=1024, hidden_size=1024, num_layers=8, num_heads=8,
+                    num_kv_heads=4, head_dim=128, intermediate_size=4096,
+                    dtype="bfloat16", param_dtype="bfloat16")
+  _, devices = pl.topology("v5e:2x4")
+  mesh = pl.make_mesh(1, 8, 1, devices=devices)
+  from atod_jax.rollout.host import TextRollout
+  from atod_jax.train import steps
+  spec = TextRollout(2, 96, 32, 0, layout="window", history=2)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+      jax.default_matmul_precision("default"):
+    batch = pl._batched(pl._trajectory(16, spec), mesh)
+    memory = {}
+    for kind in (None, "pinned_host"):
+      graphdef, params = pl._params(cfg, mesh, kind)
+      memory[kind] = pl._compile(steps.jit_score, graphdef, params, batch, temperature=1.0,
+                                 chunks=2, rows=steps.rows_sharding(mesh)).memory_analysis()
+  weights = pl._bytes_per_chip(params, "pinned_host")
+  assert weights == pytest.approx(cfg.num_params() * 2 / 8, rel=0.01)
+  assert pl._bytes_per_chip(params) == 0
+  on_chip, offloaded = memory[None], memory["pinned_host"]
+  assert offloaded.host_argument_size_in_bytes == weights
+  assert on_chip.host_argument_size_in_bytes == 0
+  assert on_chip.argument_size_in_bytes - offloaded.argument_size_in_bytes == weights
+  # one layer's weights, whole (gathered): 30 MiB; the model's: 8 layers and the embedding
+  # (measured 2026-12-02: 30.3 MiB of temporaries offloaded, 59.8 on the chip)
+  layer = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) / cfg.num_layers * 2
+  assert offloaded.temp_size_in_bytes < 2 * layer < cfg.num_params() * 2 / 4, (
+      offloaded.temp_size_in_bytes / 2**20, layer / 2**20)

@@ -432,6 +432,29 @@ def test_teacher_and_student_from_directories_and_hf_export(reference):
              zip(jax.tree.leaves(params), jax.tree.leaves(final)))  # it trained
 
 
+@pytest.mark.long
+@trainer_group
+def test_offloaded_teacher_gives_the_same_run(reference):
+  """``teacher.offload=True`` (the teacher's weights in host memory, copied to the device
+  layer by layer when it scores) changes where the weights live, not a number: the
+  records and the final student are the reference run's, bit for bit."""
+  root, teacher, ref, _ = reference
+  work = str(root / "offloaded")
+  proc = _run(work, teacher, "--config.teacher.offload=True")
+  assert "teacher: weights in host memory" in proc.stdout + proc.stderr
+  assert _records(work) == _records(ref)
+  for a, b in zip(_student_params(work), _student_params(ref)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_teacher_offload_must_be_a_bool():
+  config = tiny_config.get_config()
+  assert config.teacher.offload is False  # every preset has the field, off
+  config.teacher = dict(config.teacher.to_dict(), offload="yes")  # a config written by hand
+  with pytest.raises(ConfigError, match="^config.teacher.offload: must be True or False"):
+    validate(config)
+
+
 @pytest.mark.slow  # ~4 min of compilation for the 8-device programs on 2 cores, cold
 def test_the_loop_runs_on_8_devices(tmp_path):
   """The whole loop with the batch sharded over a (data 4, fsdp 2) mesh of CPU devices."""
