@@ -443,8 +443,7 @@ def _scan_remat_layers(layers, x, rope, valid):
   recomputations early, and a 30-layer model then holds all of them; the scan's
   sequential structure cannot be reordered.) ``layers`` must share one structure."""
   graphdef = nnx.graphdef(layers[0])
-  stacked = jax.tree.map(lambda *v: jnp.stack(v),
-                         *[on_device(nnx.state(layer)) for layer in layers])
+  stacked = jax.tree.map(lambda *v: jnp.stack(v), *[nnx.state(layer) for layer in layers])
 
   @jax.checkpoint
   def body(x, state):

@@ -390,6 +390,11 @@ class _Step:
                                       tx=self.tx, mesh=self.mesh)
 
   @property
+  def offloaded(self) -> int:
+    """Bytes of the teacher one chip keeps in its host's memory (``teacher.offload``)."""
+    return _bytes_per_chip(self.t_params, "pinned_host")
+
+  @property
   def bytes(self) -> tuple[int, int, int]:
     """Per chip: the student's train state, its parameters, the teacher's parameters."""
     return (_bytes_per_chip(self.state), _bytes_per_chip(self.s_params),
@@ -431,9 +436,9 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
                model_config(teacher, config.teacher.model.to_dict()), rows,
                max(rows, e.eval_batch))
   s_cfg, t_cfg = step.s_cfg, step.t_cfg
-  offloaded = _bytes_per_chip(step.t_params, "pinned_host")
-  notes = [f"teacher offloaded (teacher.offload): {offloaded / GiB:.2f} GiB a chip in host "
-           "memory, copied to the chips layer by layer in every scoring call"] if offloaded else []
+  notes = [f"teacher offloaded (teacher.offload): {step.offloaded / GiB:.2f} GiB a chip in "
+           "host memory, copied to the chips layer by layer in every scoring call"
+           ] if step.offloaded else []
   notes += [f"student {s_cfg.num_params() / 1e9:.2f} B parameters ({s_cfg.param_dtype}, "
            f"compute {s_cfg.dtype}, remat {s_cfg.remat}); teacher "
            f"{t_cfg.num_params() / 1e9:.2f} B ({t_cfg.param_dtype}, compute {t_cfg.dtype})",
@@ -523,10 +528,9 @@ def _update_rows(step: _Step) -> tuple[list[Row], str]:
   out.append(_row("update", compiled, 1, 0 if distill else t_bytes, flops))
   note = (f"sequences sliced as run: teacher scoring in {chunks} chunks, each "
           f"mini-batch's gradient in {walk.microbatches} slices")
-  offloaded = _bytes_per_chip(step.t_params, "pinned_host")
-  if offloaded and update.scores_tokens:
+  if step.offloaded and update.scores_tokens:
     note += (f"; the offloaded teacher crosses from host memory once a chunk: "
-             f"{chunks * offloaded / GiB:,.0f} GiB a chip a step (not in the time bound: "
+             f"{chunks * step.offloaded / GiB:,.0f} GiB a chip a step (not in the time bound: "
              "it depends on the host-to-chip bandwidth)")
   return out, note
 
