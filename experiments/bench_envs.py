@@ -17,18 +17,9 @@ import numpy as np
 
 from atod_jax.envs import household as hh
 from atod_jax.envs.household_text import HouseholdTextEnv, task_key
+from atod_jax.train.measure import best_time
 
 TURNS = 32
-
-
-def _best(fn, repeats=3):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return min(times)
 
 
 def device_rates(params, batch):
@@ -64,9 +55,9 @@ def device_rates(params, batch):
 
   n = TURNS * batch
   return {
-      "step": n / _best(lambda: run_step(states, actions)),
-      "step + observe (tokens)": n / _best(lambda: run_step_observe(states, actions)),
-      "expert policy + step": n / _best(lambda: run_expert(states)),
+      "step": n / best_time(lambda: run_step(states, actions)),
+      "step + observe (tokens)": n / best_time(lambda: run_step_observe(states, actions)),
+      "expert policy + step": n / best_time(lambda: run_expert(states)),
   }
 
 

@@ -414,27 +414,10 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
   (the config's ``student.model`` / ``teacher.model`` fields override its numerics);
   ``data`` / ``fsdp`` / ``tensor`` / ``microbatches`` / ``optimizer`` replace the config's
   ``mesh``, ``optim.microbatches`` and ``optim.optimizer``."""
-  from atod_jax.envs import registry
-  e, m = config.env, config.mesh
-  if registry.get(e.kind).device is not None:
-    raise PlanError(f"the plan covers the text environments' host rollout; {e.kind!r} rolls "
-                    "out on the device")
   chip, devices = topology(target)
-  try:
-    mesh = make_mesh(m.data if data is None else data, m.fsdp if fsdp is None else fsdp,
-                     m.tensor if tensor is None else tensor, devices=devices)
-  except ValueError as err:
-    raise PlanError(f"{target}: {err}") from None
-  optim = config.optim.copy_and_resolve_references()
-  with optim.unlocked():
-    optim.microbatches = config.optim.microbatches if microbatches is None else microbatches
-    optim.optimizer = optim.get("optimizer", "adamw") if optimizer is None else optimizer
-  spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
-                     layout=e.get("layout", "context"), history=e.get("history", 2))
-  rows = config.rollout.tasks_per_step * config.rollout.group_size
-  step = _Step(config, mesh, optim, spec, model_config(student, config.student.model.to_dict()),
-               model_config(teacher, config.teacher.model.to_dict()), rows,
-               max(rows, e.eval_batch))
+  step = _setup(config, devices, student=student, teacher=teacher, data=data, fsdp=fsdp,
+                tensor=tensor, microbatches=microbatches, optimizer=optimizer, where=target)
+  mesh, optim, spec = step.mesh, step.optim, step.spec
   s_cfg, t_cfg = step.s_cfg, step.t_cfg
   notes = [f"teacher offloaded (teacher.offload): {step.offloaded / GiB:.2f} GiB a chip in "
            "host memory, copied to the chips layer by layer in every scoring call"
@@ -444,18 +427,71 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
            f"{t_cfg.num_params() / 1e9:.2f} B ({t_cfg.param_dtype}, compute {t_cfg.dtype})",
            f"rollout: {step.roll_rows} episodes a call, {spec.max_turns} turns of a "
            f"{spec.prompt_len}-token prompt and a {spec.response_len}-token answer "
-           f"({spec.layout} layout); update: {rows} episodes, {optim.minibatches} "
+           f"({spec.layout} layout); update: {step.rows} episodes, {optim.minibatches} "
            f"mini-batches x {optim.microbatches} micro-batches asked, {optim.epochs} epoch(s)"]
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the trainer traces
     say(f"{target}: compiling the rollout")
-    out = _rollout_rows(step)
+    rows = [_compiled_row(c) for c in rollout_calls(step)]
     say(f"{target}: compiling the scoring and the update")
-    more, note = _update_rows(step)
+    calls, note = update_calls(step)
+    rows += [_compiled_row(c) for c in calls]
   return Plan(target, chip, len(devices), dict(mesh.shape), optim.microbatches, student,
-              teacher, out + more, notes + [note], optim.optimizer)
+              teacher, rows, notes + [note], optim.optimizer)
 
 
-def _rollout_rows(step: _Step) -> list[Row]:
+def _setup(config, devices, *, student: str | ModelConfig, teacher: str | ModelConfig,
+           data=None, fsdp=None, tensor=None, microbatches=None, optimizer=None,
+           where: str = "") -> "_Step":
+  """A config's step as abstract arrays sharded over a mesh of ``devices`` (``where``
+  names them in errors). ``student`` / ``teacher``: as :func:`plan`, or a
+  :class:`ModelConfig`."""
+  from atod_jax.envs import registry
+  e, m = config.env, config.mesh
+  if registry.get(e.kind).device is not None:
+    raise PlanError(f"the plan covers the text environments' host rollout; {e.kind!r} rolls "
+                    "out on the device")
+  try:
+    mesh = make_mesh(m.data if data is None else data, m.fsdp if fsdp is None else fsdp,
+                     m.tensor if tensor is None else tensor, devices=devices)
+  except ValueError as err:
+    raise PlanError(f"{where}: {err}") from None
+  optim = config.optim.copy_and_resolve_references()
+  with optim.unlocked():
+    optim.microbatches = config.optim.microbatches if microbatches is None else microbatches
+    optim.optimizer = optim.get("optimizer", "adamw") if optimizer is None else optimizer
+  spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
+                     layout=e.get("layout", "context"), history=e.get("history", 2))
+  rows = config.rollout.tasks_per_step * config.rollout.group_size
+  def shape(model, part):
+    return model if isinstance(model, ModelConfig) else model_config(model, part.model.to_dict())
+  return _Step(config, mesh, optim, spec, shape(student, config.student),
+               shape(teacher, config.teacher), rows, max(rows, e.eval_batch))
+
+
+@dataclasses.dataclass
+class Call:
+  """One jitted function of a training step with its arguments as sharded
+  ``ShapeDtypeStruct`` (or static values): what :func:`plan` compiles and
+  :mod:`atod_jax.train.measure` runs."""
+
+  name: str
+  fn: Callable
+  args: tuple
+  kwargs: dict
+  calls: int  # per training step
+  resident: int  # bytes a chip holds beside the arguments (train state, teacher)
+  flops: float  # per call, all chips together
+  hbm_read: float = 0.0  # bytes per call per chip that must stream from HBM
+  fills: dict = dataclasses.field(default_factory=dict)  # argument index -> value to fill
+  tokens: int = 0  # tokens a call generates (the decode)
+
+
+def _compiled_row(c: Call) -> Row:
+  return _row(c.name, _compile(c.fn, *c.args, **c.kwargs), c.calls, c.resident, c.flops,
+              c.hbm_read)
+
+
+def rollout_calls(step: _Step) -> list[Call]:
   """Per turn, a prefill (windowed: of a fresh cache) and a decode; the context layout's
   observation appends."""
   spec, s_cfg, n = step.spec, step.s_cfg, step.roll_rows
@@ -466,30 +502,33 @@ def _rollout_rows(step: _Step) -> list[Row]:
   cache = _batched(cache, step.mesh)._replace(
       index=_on(cache.index, NamedSharding(step.mesh, P())))
   p_len = spec.prompt_len
-  compiled = _compile(_append, step.graphdef, step.s_params, cache,
-                      step.batched((n, p_len), jnp.int32), step.batched((n, p_len), jnp.bool_))
-  out = [_row("rollout/prefill", compiled, k if spec.windowed else 1, beside,
+  out = [Call("rollout/prefill", _append,
+              (step.graphdef, step.s_params, cache, step.batched((n, p_len), jnp.int32),
+               step.batched((n, p_len), jnp.bool_)), {}, k if spec.windowed else 1, beside,
               forward_flops(s_cfg, n * p_len, n * p_len * slots, n))]
   key = jax.eval_shape(lambda: stream_key(0, Stream.POLICY, 0))
-  compiled = _compile(_decode, step.graphdef, step.s_params, cache,
-                      step.batched((n, s_cfg.vocab_size), jnp.float32), key, m_len,
-                      SamplingParams(temperature=step.config.rollout.temperature),
-                      step.batched((n, 2), jnp.int32), step.batched((n,), jnp.int32),
-                      jax.ShapeDtypeStruct((), jnp.int32))
   # each of a decode call's M tokens reads the weights and the whole cache
   per_token_read = s_bytes + _bytes_per_chip((cache.keys, cache.values))
-  out.append(_row("rollout/decode", compiled, k, beside,
-                  m_len * forward_flops(s_cfg, n, n * slots, n), m_len * per_token_read))
+  # run for real: no stop token matches (-1) and every row may take all M tokens, the
+  # worst case the plan compiles for
+  out.append(Call("rollout/decode", _decode,
+                  (step.graphdef, step.s_params, cache,
+                   step.batched((n, s_cfg.vocab_size), jnp.float32), key, m_len,
+                   SamplingParams(temperature=step.config.rollout.temperature),
+                   step.batched((n, 2), jnp.int32), step.batched((n,), jnp.int32),
+                   jax.ShapeDtypeStruct((), jnp.int32)), {}, k, beside,
+                  m_len * forward_flops(s_cfg, n, n * slots, n), m_len * per_token_read,
+                  fills={7: -1, 8: m_len}, tokens=n * m_len))
   if not spec.windowed and spec.obs_len:
     o = spec.obs_len
-    compiled = _compile(_append, step.graphdef, step.s_params, cache,
-                        step.batched((n, o), jnp.int32), step.batched((n, o), jnp.bool_))
-    out.append(_row("rollout/append", compiled, k - 1, beside,
+    out.append(Call("rollout/append", _append,
+                    (step.graphdef, step.s_params, cache, step.batched((n, o), jnp.int32),
+                     step.batched((n, o), jnp.bool_)), {}, k - 1, beside,
                     forward_flops(s_cfg, n * o, n * o * slots, n)))
   return out
 
 
-def _update_rows(step: _Step) -> tuple[list[Row], str]:
+def update_calls(step: _Step) -> tuple[list[Call], str]:
   """The teacher's (and pi_old's) scoring, the advantages and the update, on the update's
   batch sliced as the run slices it; and a note of the slicing."""
   spec, update, s_cfg, t_cfg = step.spec, step.update, step.s_cfg, step.t_cfg
@@ -500,32 +539,32 @@ def _update_rows(step: _Step) -> tuple[list[Row], str]:
   chunks, walk = update.slicing(batch)
   out = []
   if update.scores_tokens:
-    compiled = _compile(steps.jit_score, step.t_graph, step.t_params, batch, temperature=1.0,
-                        chunks=chunks, rows=update.rows)
-    out.append(_row("score/teacher", compiled, 1, state_bytes,
+    out.append(Call("score/teacher", steps.jit_score, (step.t_graph, step.t_params, batch),
+                    dict(temperature=1.0, chunks=chunks, rows=update.rows), 1, state_bytes,
                     forward_flops(t_cfg, tokens, pairs, tokens)))
   if update.recompute:
-    compiled = _compile(steps.jit_score, step.graphdef, step.s_params, batch,
-                        temperature=update.loss.temperature, chunks=chunks, rows=update.rows)
-    out.append(_row("score/student", compiled, 1, state_bytes - s_bytes + t_bytes,
+    out.append(Call("score/student", steps.jit_score, (step.graphdef, step.s_params, batch),
+                    dict(temperature=update.loss.temperature, chunks=chunks, rows=update.rows),
+                    1, state_bytes - s_bytes + t_bytes,
                     forward_flops(s_cfg, tokens, pairs, tokens)))
   per_token = jax.ShapeDtypeStruct(batch.tokens.shape, jnp.float32,
                                    sharding=batch.tokens.sharding)
   if update.advantage is not None:
-    compiled = _compile(methods.jit_advantages, batch, per_token, jnp.float32(1.0),
-                        jnp.float32(1.0), update.advantage)
-    out.append(_row("advantages", compiled, 1, state_bytes + t_bytes, 0.0))
+    out.append(Call("advantages", methods.jit_advantages,
+                    (batch, per_token, jnp.float32(1.0), jnp.float32(1.0), update.advantage), {},
+                    1, state_bytes + t_bytes, 0.0))
   distill = update.distill
   key = jax.eval_shape(lambda: stream_key(0, Stream.SHUFFLE, 0))
-  compiled = _compile(steps.jit_policy_update, step.graphdef, step.tx, step.state, batch,
-                      per_token, key, update.loss, walk, distill,
-                      step.t_graph if distill else None, step.t_params if distill else None,
-                      per_token if distill else step.batched((step.rows,), jnp.float32))
   passes = 4 if s_cfg.remat else 3  # forward, backward (2x), the remat's second forward
   flops = step.optim.epochs * passes * forward_flops(s_cfg, tokens, pairs, tokens)
   if distill:
     flops += step.optim.epochs * forward_flops(t_cfg, tokens, pairs, tokens)
-  out.append(_row("update", compiled, 1, 0 if distill else t_bytes, flops))
+  out.append(Call("update", steps.jit_policy_update,
+                  (step.graphdef, step.tx, step.state, batch, per_token, key, update.loss, walk,
+                   distill, step.t_graph if distill else None,
+                   step.t_params if distill else None,
+                   per_token if distill else step.batched((step.rows,), jnp.float32)), {},
+                  1, 0 if distill else t_bytes, flops))
   note = (f"sequences sliced as run: teacher scoring in {chunks} chunks, each "
           f"mini-batch's gradient in {walk.microbatches} slices")
   if step.offloaded and update.scores_tokens:
@@ -594,6 +633,6 @@ def overview(plans: Sequence[Plan]) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["CHIPS", "MODELS", "Chip", "Plan", "PlanError", "Row", "advice", "forward_flops",
-           "has_tpu_compiler", "meshes", "model_config", "overview", "plan", "search",
-           "topology"]
+__all__ = ["CHIPS", "MODELS", "Call", "Chip", "Plan", "PlanError", "Row", "advice",
+           "forward_flops", "has_tpu_compiler", "meshes", "model_config", "overview", "plan",
+           "rollout_calls", "search", "topology", "update_calls"]
