@@ -12,8 +12,8 @@ filling its slots, and no stop token, so each row of a decode takes all
 
 The bound is the plan's (each call at the chip's peak FLOP rate or reading HBM at full
 bandwidth, whichever is slower), with the ceilings measured in the same run: a square
-matmul's FLOP/s in the student's compute dtype and an elementwise op's bytes/s on one
-device. The measured / bound ratio carries across machines; the seconds do not.
+matmul's FLOP/s in the student's compute dtype and a sum's read bytes/s on one device.
+The measured / bound ratio carries across machines; the seconds do not.
 
     python experiments/measure_step.py --config configs/alfworld_qwen3.py \\
         --student qwen3-0.6b --teacher qwen3-4b
@@ -30,9 +30,6 @@ import jax.numpy as jnp
 
 from atod_jax.train import plan as pl
 from atod_jax.train.steps import TrainState
-
-GiB = pl.GiB
-
 
 @dataclasses.dataclass(frozen=True)
 class Timed:
@@ -120,49 +117,73 @@ def _is_abstract(x) -> bool:
   return isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _array(x: jax.ShapeDtypeStruct, key, fill=None) -> jax.Array:
-  """An array of ``x``'s shape, dtype and sharding: ``fill``, else small random floats,
-  zero integers, true booleans, a fresh PRNG key."""
+def _value(x: jax.ShapeDtypeStruct, key, fill=None) -> jax.Array:
+  """``x``'s shape and dtype: ``fill``, else small random floats, zero integers, true
+  booleans, a fresh PRNG key."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     return jax.random.split(key, x.shape) if x.shape else key
   if fill is not None:
-    make = lambda: jnp.full(x.shape, fill, x.dtype)  # noqa: E731
-  elif jnp.issubdtype(x.dtype, jnp.floating):
-    make = lambda: (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)  # noqa: E731
-  elif x.dtype == jnp.bool_:
-    make = lambda: jnp.ones(x.shape, jnp.bool_)  # noqa: E731
-  else:
-    make = lambda: jnp.zeros(x.shape, x.dtype)  # noqa: E731
-  return jax.jit(make, out_shardings=x.sharding)()
+    return jnp.full(x.shape, fill, x.dtype)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
+  return jnp.ones(x.shape, jnp.bool_) if x.dtype == jnp.bool_ else jnp.zeros(x.shape, x.dtype)
 
 
-def arguments(call: pl.Call, key) -> tuple[tuple, dict]:
-  """``call``'s arguments made real (static ones kept; ``call.fills`` applied). A train
-  state is a fresh one: random parameters, the optimizer's state zero (Adam's moments
-  at their start; random ones would give a negative second moment)."""
-  def made(tree, k, fill=None):
+class _Slot:
+  def __init__(self, i: int):
+    self.i = i
+
+
+def argument_maker(call: pl.Call) -> Callable:
+  """``key -> (args, kwargs)``: ``call``'s arguments made real (static ones kept;
+  ``call.fills`` applied), every sharded array by one jitted function (compiled once,
+  reused for every key). A train state is a fresh one: random parameters, the
+  optimizer's state zero (Adam's moments at their start; random ones would give a
+  negative second moment)."""
+  items = []  # (abstract leaf, fill)
+
+  def slots(tree, fill=None):
     if isinstance(tree, TrainState):
-      return TrainState(made(tree.params, k), made(tree.opt_state, k, 0), made(tree.step, k, 0))
+      return TrainState(slots(tree.params, fill), slots(tree.opt_state, 0), slots(tree.step, 0))
     leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_abstract)
-    return jax.tree.unflatten(treedef, [
-        _array(x, jax.random.fold_in(k, i), fill) if _is_abstract(x) else x
-        for i, x in enumerate(leaves)])
-  args = tuple(made(a, jax.random.fold_in(key, i), call.fills.get(i))
-               for i, a in enumerate(call.args))
-  return args, made(call.kwargs, jax.random.fold_in(key, len(call.args)))
+    out = []
+    for x in leaves:
+      if _is_abstract(x):
+        out.append(_Slot(len(items)))
+        items.append((x, fill))
+      else:
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+  template = (tuple(slots(a, call.fills.get(i)) for i, a in enumerate(call.args)),
+              slots(call.kwargs))
+  sharded = [i for i, (x, _) in enumerate(items) if x.sharding is not None]
+  make = jax.jit(lambda key: [_value(items[i][0], jax.random.fold_in(key, i), items[i][1])
+                              for i in sharded],
+                 out_shardings=[items[i][0].sharding for i in sharded])
+
+  def arguments(key):
+    values = dict(zip(sharded, make(key)))
+    for i, (x, fill) in enumerate(items):  # unsharded: a PRNG key, a scalar
+      if i not in values:
+        values[i] = _value(x, jax.random.fold_in(key, i), fill)
+    return jax.tree.map(lambda v: values[v.i] if isinstance(v, _Slot) else v, template,
+                        is_leaf=lambda v: isinstance(v, _Slot))
+  return arguments
 
 
 def run_call(call: pl.Call, key, repeats: int) -> tuple[float, float, object]:
   """``(median seconds a call, first call's seconds, the last call's outputs)``; every
   call gets new arguments (the functions donate some)."""
-  args, kwargs = arguments(call, key)
+  arguments = argument_maker(call)
+  args, kwargs = jax.block_until_ready(arguments(key))
   t0 = time.perf_counter()
   out = jax.block_until_ready(call.fn(*args, **kwargs))
   first = time.perf_counter() - t0
   times = []
   for r in range(repeats):
     del out
-    args, kwargs = jax.block_until_ready(arguments(call, jax.random.fold_in(key, r + 1)))
+    args, kwargs = jax.block_until_ready(arguments(jax.random.fold_in(key, r + 1)))
     t0 = time.perf_counter()
     out = jax.block_until_ready(call.fn(*args, **kwargs))
     times.append(time.perf_counter() - t0)
@@ -195,7 +216,7 @@ def measure(config, *, student: str, teacher: str, devices: Sequence | None = No
       seconds, first, out = run_call(c, jax.random.key(i), repeats)
       keep(c.name, out)
       del out
-      bound = max(c.flops / (len(devices) * chip.peak_flops), c.hbm_read / chip.hbm_bandwidth)
+      bound = pl.bound_seconds(c.flops, c.hbm_read, chip, len(devices))
       rows.append(Timed(c.name, c.calls, seconds, bound, first, c.flops, c.tokens))
   s, t = step.s_cfg, step.t_cfg
   notes = [f"student {s.num_params() / 1e6:,.1f} M parameters ({s.param_dtype}, compute "
@@ -207,5 +228,5 @@ def measure(config, *, student: str, teacher: str, devices: Sequence | None = No
                      notes)
 
 
-__all__ = ["Measurement", "Timed", "arguments", "best_time", "ceilings", "measure",
+__all__ = ["Measurement", "Timed", "argument_maker", "best_time", "ceilings", "measure",
            "run_call"]

@@ -214,6 +214,12 @@ def forward_flops(cfg: ModelConfig, tokens: int, attended: int, logits: int) -> 
   return 2.0 * _matmul_params(cfg) * tokens + attn + 2.0 * cfg.hidden_size * cfg.vocab_size * logits
 
 
+def bound_seconds(flops: float, hbm_read: float, chip: Chip, chips: int) -> float:
+  """A lower bound on a call: ``chips`` chips doing ``flops`` at their peak rate, or one
+  reading ``hbm_read`` bytes at full bandwidth, whichever takes longer."""
+  return max(flops / (chips * chip.peak_flops), hbm_read / chip.hbm_bandwidth)
+
+
 # ------------------------------------------------------------------ the plan
 @dataclasses.dataclass
 class Row:
@@ -237,9 +243,7 @@ class Row:
     return self.argument + self.temp + self.output - self.alias + self.resident
 
   def seconds(self, chip: Chip, chips: int) -> float:
-    """A lower bound per call: the chips at their peak rate, or reading HBM at full
-    bandwidth, whichever takes longer."""
-    return max(self.flops / (chips * chip.peak_flops), self.hbm_read / chip.hbm_bandwidth)
+    return bound_seconds(self.flops, self.hbm_read, chip, chips)
 
 
 @dataclasses.dataclass
@@ -634,5 +638,5 @@ def overview(plans: Sequence[Plan]) -> str:
 
 
 __all__ = ["CHIPS", "MODELS", "Call", "Chip", "Plan", "PlanError", "Row", "advice",
-           "forward_flops", "has_tpu_compiler", "meshes", "model_config", "overview", "plan",
-           "rollout_calls", "search", "topology", "update_calls"]
+           "bound_seconds", "forward_flops", "has_tpu_compiler", "meshes", "model_config",
+           "overview", "plan", "rollout_calls", "search", "topology", "update_calls"]
