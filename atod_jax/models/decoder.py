@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from atod_jax.models.config import ModelConfig
-from atod_jax.models.sharding import constrain_batch, traced_batch_axes
+from atod_jax.models.sharding import constrain_batch, traced_batch_axes, traced_batch_shards
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: all-masked rows stay NaN-free
 # Version of the parameter tree, stored with our checkpoints (HF directories are
@@ -121,6 +121,18 @@ MIN_CAUSAL_BLOCK = 64  # ... of at least this many queries, each reading only it
 MAX_CAUSAL_BLOCKS = 16
 
 
+def query_block(rows: int, heads: int, slots: int) -> int:
+  """The most queries (a power of two from ``QUERY_BLOCK`` down to 16) whose f32 scores
+  ``[rows, heads, block, slots]`` stay under ``SCORE_BYTES`` on one device: under a mesh
+  whose batch axes split the rows (:func:`constrain_batch`), each device holds only its
+  share of them."""
+  local = -(-rows // traced_batch_shards(rows))
+  block = QUERY_BLOCK
+  while block > 16 and local * heads * block * slots * 4 > SCORE_BYTES:
+    block //= 2
+  return block
+
+
 def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
   """Causal grouped-query attention over slots, in blocks of queries.
 
@@ -138,14 +150,12 @@ def attend(q, keys, values, key_valid, first_slot) -> jax.Array:
   ``MAX_CAUSAL_BLOCKS`` blocks. Past ``QUERY_BLOCK`` queries the blocks
   are rematerialised in the backward pass, so memory is ``O(B N block S)`` instead of
   ``O(B N T S)``; the block shrinks (by powers of two, down to 16) to keep the f32
-  scores of one block under ``SCORE_BYTES``.
+  scores of one block under ``SCORE_BYTES`` a device (:func:`query_block`).
   """
   b, t, kh, g, d = q.shape
   slots = keys.shape[1]
   scale = d ** -0.5
-  q_block = QUERY_BLOCK
-  while q_block > 16 and b * kh * g * q_block * slots * 4 > SCORE_BYTES:
-    q_block //= 2
+  q_block = query_block(b, kh * g, slots)
 
   def block(qb, start, n_keys):  # qb [B, C, K, G, D] at slots first_slot + start + c
     ks, vs = keys[:, :n_keys], values[:, :n_keys]

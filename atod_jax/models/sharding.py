@@ -138,6 +138,14 @@ def traced_batch_axes(rows: int, rules=DEFAULT_RULES) -> tuple[str, ...]:
   return () if size == 1 or rows % size else names
 
 
+def traced_batch_shards(rows: int, rules=DEFAULT_RULES) -> int:
+  """How many devices share ``rows`` batch rows under the mesh traced under
+  (:func:`traced_batch_axes`): a jitted function sees global shapes, each device holds
+  ``rows // traced_batch_shards(rows)`` of them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return int(np.prod([mesh.shape[a] for a in traced_batch_axes(rows, rules)]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
   """Sharding of a ``[batch, ...]`` array: batch over the data axes."""
   return NamedSharding(mesh, P(logical_to_mesh_axes(("batch",), rules)[0], *([None] * (ndim - 1))))

@@ -138,3 +138,43 @@ def test_query_blocked_attention_matches_single_block(monkeypatch):
     np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, err_msg=str(blocks))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, err_msg=str(blocks)),
                  got_grads, want_grads)
+
+
+def test_query_block_budgets_the_rows_of_one_device(monkeypatch):
+  """The score budget counts the rows each device holds, not the global batch, and
+  the larger block it then allows gives the same attention."""
+  from atod_jax.models import decoder as dec
+
+  # 64 rows x 16 heads x 2,560 slots in f32: 2^28 bytes fit blocks of 25 queries
+  # over all rows (-> 16), of 204 over the 8 rows of one device (-> 128)
+  assert dec.query_block(64, 16, 2560) == 16
+  mesh = make_mesh(4, 2, 1)
+  with jax.set_mesh(mesh):
+    assert dec.query_block(64, 16, 2560) == 128
+    assert dec.query_block(65, 16, 2560) == 16  # rows the mesh does not split
+  with jax.set_mesh(make_mesh(8, 1, 1)):
+    assert dec.query_block(64, 16, 2560) == 128
+
+  rng = np.random.default_rng(5)
+  b, t, kh, g, d = 8, 96, 1, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, kh, g, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, kh, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, kh, d)), jnp.float32)
+  valid = jnp.ones((b, t), bool)
+  # budget: 32-query blocks for one device's row, 16 for all 8 rows
+  monkeypatch.setattr(dec, "SCORE_BYTES", 1 * kh * g * 32 * t * 4)
+  monkeypatch.setattr(dec, "QUERY_BLOCK", 64)
+  monkeypatch.setattr(dec, "MIN_CAUSAL_BLOCK", 10**9)  # the blocked path, every key
+  jax.clear_caches()
+  attend = jax.jit(lambda *a: dec.attend(*a, 0))
+  want = attend(q, k, v, valid)
+  with jax.set_mesh(make_mesh(8, 1, 1)):
+    assert dec.query_block(b, kh * g, t) == 32
+    got = attend(q, k, v, valid)
+  assert dec.query_block(b, kh * g, t) == 16
+  scores = np.einsum("btkgd,bskd->bkgts", q, k) * d ** -0.5
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  ref = np.einsum("bkgts,bskd->btkgd", p / p.sum(-1, keepdims=True), v)
+  np.testing.assert_allclose(want, ref, atol=1e-5)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
