@@ -1,6 +1,6 @@
 """The long-horizon household preset: three objects to clean / heat / cool and put away
-(the planner needs 18-20 turns, p10-p90 over 2,048 tasks; the other presets' 4-9), 30
-turns allowed.
+(the searching planner, which acts only on what the agent has seen, needs 19-23 turns,
+p10-p90 over 512 tasks; the other presets' 4-9), 30 turns allowed.
 Otherwise the quickstart: a 3-layer teacher built by behaviour cloning, a 2-layer student
 warm-started on 64 expert episodes, ATOD over 100 steps of 8 tasks x 8 rollouts. Made to
 test whether T-DUR's turn weights matter once episodes are long:

@@ -104,6 +104,11 @@ class HouseholdParams:
   max_turns: int = 30
   # objects of the goal type to put away (pick2: at least two): more is a longer task
   goal_count: int = 1
+  # the demonstrations' planner: "privileged" goes straight to where the goal objects
+  # lie; "searching" acts only on what the agent has seen (searches receptacles in the
+  # first observation's order until a goal object is seen): every move it makes is a
+  # function of the episode so far, so a clone can imitate it
+  expert: str = "privileged"
 
   def __post_init__(self):
     if not 5 <= self.num_receptacles <= R_MAX:
@@ -120,6 +125,8 @@ class HouseholdParams:
                        f"{self.goal_count}")
     if "pick2" in self.task_types and self.num_objects < 2:
       raise ValueError("pick2 needs num_objects >= 2")
+    if self.expert not in ("privileged", "searching"):
+      raise ValueError(f"expert must be 'privileged' or 'searching', got {self.expert!r}")
 
   @classmethod
   def preset(cls, name: str) -> "HouseholdParams":
@@ -128,7 +135,9 @@ class HouseholdParams:
         "medium": cls(6, 4, ("pick", "clean", "heat", "cool"), 30),
         "hard": cls(10, 8, TASK_TYPES, 50),
         # three objects to clean / heat / cool and put away: the expert needs 18-20 (p10-p90)
-        "long": cls(8, 6, ("clean", "heat", "cool"), 30, goal_count=3),
+        # (19-23 with the searching planner, whose demonstrations a clone can imitate:
+        # the privileged one's go straight to objects the agent has not seen)
+        "long": cls(8, 6, ("clean", "heat", "cool"), 30, goal_count=3, expert="searching"),
     }
     if name not in presets:
       raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
@@ -151,6 +160,7 @@ class State(NamedTuple):
   turn: jax.Array  # int32
   done: jax.Array  # bool
   won: jax.Array  # bool
+  rec_seen: jax.Array  # [R_MAX] bool: receptacles whose inside the agent has seen
 
 
 class StepOut(NamedTuple):
@@ -213,7 +223,7 @@ def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> Stat
   false = jnp.zeros((O_MAX,), bool)
   return State(rec_type, rec_num, rec_open, obj_type, obj_num, obj_loc, false, false, false,
                jnp.int32(-1), jnp.int32(-1), goal.astype(jnp.int32), jnp.int32(0),
-               jnp.bool_(False), jnp.bool_(False))
+               jnp.bool_(False), jnp.bool_(False), jnp.zeros((R_MAX,), bool))
 
 
 # ---------------------------------------------------------------------- actions
@@ -329,6 +339,8 @@ def step(params: HouseholdParams, state: State, action: jax.Array) -> tuple[Stat
       obj_hot=state.obj_hot | (valid & apply_ok & (verb == V_HEAT) & obj_mask),
       obj_cool=state.obj_cool | (valid & apply_ok & (verb == V_COOL) & obj_mask),
       turn=state.turn + live.astype(jnp.int32),
+      # arriving at an open receptacle or opening one shows what is inside
+      rec_seen=state.rec_seen | (rec_mask & valid & ((go_ok & state.rec_open[rec_i]) | open_ok)),
   )
   won = live & goal_satisfied(params, new)
   done = state.done | won | (new.turn >= params.max_turns)
@@ -387,10 +399,16 @@ def admissible(params: HouseholdParams, state: State) -> tuple[jax.Array, jax.Ar
   return tokens, exists & ~invalid & ~state.done
 
 
-def expert_action(state: State) -> jax.Array:
-  """A privileged planner: the next command of a shortest plan to the goal."""
+def expert_action(state: State, search: bool = False) -> jax.Array:
+  """A planner's next command. Privileged (``search=False``): a shortest plan to the
+  goal, going straight to where the goal objects lie. Searching: the same plan over the
+  goal objects the agent has seen; while it has seen none, the next receptacle in the
+  first observation's order that it has not looked into (appliances and receptacles of
+  the goal's type skipped: nothing starts there), opened if closed."""
   task, otype, rtype = state.goal[0], state.goal[1], state.goal[2]
   cand = (state.obj_type == otype) & ~_done_objects(state) & (state.obj_loc >= 0)
+  if search:
+    cand &= state.rec_seen[jnp.maximum(state.obj_loc, 0)]
   target_obj = jnp.argmax(cand).astype(jnp.int32)
   here = state.agent_loc
   h = jnp.maximum(state.holding, 0)
@@ -410,11 +428,19 @@ def expert_action(state: State) -> jax.Array:
   treat_verb = jnp.select([task == 1, task == 2], [V_CLEAN, V_HEAT], V_COOL)
   at_appliance = jnp.where(here != appliance, jnp.array([V_GO, -1, appliance]),
                            jnp.stack([treat_verb, state.holding, appliance]))
+  fetch = reach(state.obj_loc[target_obj], jnp.int32(V_TAKE), target_obj)
+  if search:
+    kinds = jnp.maximum(state.rec_type, 0)
+    searchable = ((state.rec_type >= 0) & ~state.rec_seen & (kinds != SINK)
+                  & (kinds != MICROWAVE) & (kinds != FRIDGE) & (state.rec_type != rtype))
+    nxt = jnp.argmax(searchable).astype(jnp.int32)
+    look_in = jnp.where(here != nxt, jnp.array([V_GO, -1, nxt]), jnp.array([V_OPEN, -1, nxt]))
+    fetch = jnp.where(jnp.any(cand), fetch, look_in)
   plan = jnp.where(
       holding_goal,
       jnp.where(treated, reach(goal_rec, jnp.int32(V_PUT), state.holding), at_appliance),
       jnp.where(state.holding >= 0, reach(sink, jnp.int32(V_PUT), state.holding),  # wrong object
-                reach(state.obj_loc[target_obj], jnp.int32(V_TAKE), target_obj)))
+                fetch))
   return action_tokens(state, plan[0], plan[1], plan[2])
 
 
@@ -607,7 +633,7 @@ class HouseholdEnv:
     pick = cands[jax.random.randint(k_pick, (), 0, cands.shape[0])]
     noisy = jax.random.uniform(k_flip) < noise
     command = jnp.where(noisy, action_tokens(state, pick[0], pick[1], pick[2]),
-                        expert_action(state))
+                        expert_action(state, self.params.expert == "searching"))
     return command.astype(jnp.int32), noisy
 
   def anchor(self, state):

@@ -181,3 +181,46 @@ def test_encode_action_roundtrip_and_unknown_words():
     assert hh.decode(hh.encode_action(cmd)).lower() == cmd
   assert hh.decode(hh.encode_action("put mug 1 in cabinet 2")).lower() == "put mug 1 in/on cabinet 2"
   assert hh.WORD_ID["<unk>"] in hh.encode_action("fly to the moon")
+
+
+def test_searching_planner_acts_only_on_what_was_seen():
+  """Moving a goal object between receptacles the agent has not looked into changes the
+  privileged planner's first move on some tasks and the searching planner's on none;
+  the searching planner still solves every long task within its turns."""
+  params = hh.HouseholdParams.preset("long")
+  assert params.expert == "searching"
+  keys = jax.vmap(lambda i: task_key(4, i))(jnp.arange(128))
+  states = jax.vmap(lambda k: hh.reset(params, k, "train"))(keys)
+
+  def hidden_move(st):  # the first goal object to the other end of the searchable slots
+    kinds = jnp.maximum(st.rec_type, 0)
+    ok = ((st.rec_type >= 0) & (kinds != hh.SINK) & (kinds != hh.MICROWAVE)
+          & (kinds != hh.FRIDGE) & (st.rec_type != st.goal[2]))
+    last = hh.R_MAX - 1 - jnp.argmax(ok[::-1])
+    first = jnp.argmax(ok)
+    dest = jnp.where(st.obj_loc[0] == last, first, last)
+    return st._replace(obj_loc=st.obj_loc.at[0].set(dest))
+
+  moved = jax.vmap(hidden_move)(states)
+  assert np.any(np.asarray(moved.obj_loc) != np.asarray(states.obj_loc))
+  for search, same in ((True, True), (False, False)):
+    a = np.asarray(jax.vmap(lambda s: hh.expert_action(s, search))(states))
+    b = np.asarray(jax.vmap(lambda s: hh.expert_action(s, search))(moved))
+    assert np.all(a == b) == same
+
+  @jax.jit
+  def play(st):
+    def turn(st, _):
+      st, out = jax.vmap(lambda s: hh.step(params, s, hh.expert_action(s, True)))(st)
+      return st, out.invalid
+    return jax.lax.scan(turn, st, None, length=params.max_turns)
+
+  final, invalid = play(states)
+  turns = np.asarray(final.turn)
+  assert bool(jnp.all(final.won)) and not bool(jnp.any(invalid))
+  assert turns.min() >= 15 and turns.max() <= params.max_turns
+  # it looked into receptacles before taking from them: more turns than the privileged plan
+  won_p, _, turns_p = _rollout(params, keys, "train", "expert")
+  assert bool(jnp.all(won_p)) and turns.mean() > float(jnp.mean(turns_p))
+  with pytest.raises(ValueError, match="expert"):
+    hh.HouseholdParams(expert="oracle")
