@@ -8,7 +8,8 @@ Each run lives in ``<workdir>/<method>/seed_<s>`` (a finished run is reused, a s
 one resumes); the teacher is built once in ``<workdir>/teacher`` and shared. Writes
 ``<workdir>/comparison.md``: per method the mean over seeds with a 95% bootstrap
 interval and the paired per-seed difference to the first method (``--methods``: ATOD
-first), then mean +- std of the other measures; and ``<workdir>/comparison.png``
+first), of the final and the kept student's success and of the final invalid-action
+rate, then mean +- std of the other measures; and ``<workdir>/comparison.png``
 (the curves, mean and the seeds' spread). The statistics: ``atod_jax.train.compare``.
 """
 from __future__ import annotations
@@ -65,9 +66,12 @@ def main(argv):
   intervals = "\n\n".join(comparison_table(results, methods[0], metric, title) for metric, title in (
       (lambda r: r["final"]["eval/success"], "final held-out success"),
       (lambda r: r["selected"]["eval/success"], "held-out success of the student kept "
-       "(chosen on select/)" if base.eval.select_split else "best held-out success")))
+       "(chosen on select/)" if base.eval.select_split else "best held-out success"),
+      # lower is better; it moves where success does not yet (long tasks, short budgets)
+      (lambda r: r["final"]["eval/invalid_rate"], "final held-out invalid-action rate")))
 
-  cols = ("final eval success", "best eval success", "final greedy success", "final turns")
+  cols = ("final eval success", "best eval success", "final greedy success", "final turns",
+          "final invalid rate")
   lines = [f"Budget: {base.train.steps} steps x {base.rollout.tasks_per_step} tasks x "
            f"{base.rollout.group_size} rollouts; seeds {seeds}; held-out success at "
            f"T={base.eval.temperature} over {base.eval.episodes} episodes (mean ± std).", "",
@@ -78,13 +82,16 @@ def main(argv):
         _mean_std([r["final"]["eval/success"] for r in rs]),
         _mean_std([r["best_success"] for r in rs]),
         _mean_std([r["final"].get("greedy/success", np.nan) for r in rs]),
-        _mean_std([r["final"]["eval/turns"] for r in rs])]) + " |")
+        _mean_std([r["final"]["eval/turns"] for r in rs]),
+        _mean_std([r["final"]["eval/invalid_rate"] for r in rs])]) + " |")
   greedy = teacher.get("greedy/success")
   lines.append(f"| teacher | {teacher['eval/success']:.3f} | - | "
-               f"{'-' if greedy is None else f'{greedy:.3f}'} | {teacher['eval/turns']:.3f} |")
+               f"{'-' if greedy is None else f'{greedy:.3f}'} | {teacher['eval/turns']:.3f} | "
+               f"{teacher['eval/invalid_rate']:.3f} |")
   first = results[methods[0]]
   lines.append(f"| student at step 0 | {_mean_std([r['step0']['eval/success'] for r in first])}"
-               " | - | - | - |")
+               f" | - | - | {_mean_std([r['step0']['eval/turns'] for r in first])} | "
+               f"{_mean_std([r['step0']['eval/invalid_rate'] for r in first])} |")
   table = intervals + "\n\n" + "\n".join(lines)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(table + "\n")

@@ -67,4 +67,11 @@ def test_compare_script_on_a_shrunk_config(tmp_path):
   diff = np.subtract(final["grpo"], final["atod"])
   np.testing.assert_allclose(dmean, diff.mean(), atol=5e-4)
   np.testing.assert_allclose([dlo, dhi], bootstrap_interval(diff), atol=5e-4)
+  # the third interval table: the final invalid-action rate, same arithmetic
+  rows = [line for line in table.splitlines() if line.startswith("| grpo |")]
+  invalid = {m: [r["final"]["eval/invalid_rate"] for r in rs] for m, rs in summaries.items()}
+  mean, lo, hi, dmean = map(float, re.findall(r"-?\d+\.\d+", rows[2])[:4])
+  np.testing.assert_allclose(mean, np.mean(invalid["grpo"]), atol=5e-4)
+  np.testing.assert_allclose(dmean, np.mean(np.subtract(invalid["grpo"], invalid["atod"])),
+                             atol=5e-4)
   assert (tmp_path / "comparison.png").exists()
