@@ -181,6 +181,13 @@ def _numbered(types: jax.Array, count: int) -> jax.Array:
   return (jnp.sum(same, axis=1) + 1).astype(jnp.int32)
 
 
+def start_receptacles(rec_type: jax.Array, goal_rec_type: jax.Array) -> jax.Array:
+  """Where objects can start (a bool mask over ``rec_type``): present receptacles that
+  are neither an appliance nor of the goal's type."""
+  return ((rec_type >= 0) & (rec_type != SINK) & (rec_type != MICROWAVE)
+          & (rec_type != FRIDGE) & (rec_type != goal_rec_type))
+
+
 def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> State:
   """Generates a task from ``key`` (deterministic), from the goals of ``split``."""
   combos = _goal_combos(split)
@@ -194,8 +201,7 @@ def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> Stat
   # (neither an appliance nor of the goal type), then random others
   k_rec, k_start = jax.random.split(k_rec)
   rest = jax.random.choice(k_rec, len(RECEPTACLES), (R_MAX,), replace=True)
-  kinds = jnp.arange(len(RECEPTACLES))
-  start_ok = (kinds != SINK) & (kinds != MICROWAVE) & (kinds != FRIDGE) & (kinds != goal[2])
+  start_ok = start_receptacles(jnp.arange(len(RECEPTACLES)), goal[2])
   start = jax.random.categorical(k_start, jnp.where(start_ok, 0.0, -jnp.inf))
   fixed = jnp.array([SINK, MICROWAVE, FRIDGE], jnp.int32)
   rec_type = jnp.concatenate([fixed, goal[2:3], start[None], rest[: R_MAX - 5]]).astype(jnp.int32)
@@ -205,7 +211,6 @@ def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> Stat
   rec_type = jnp.where(extra & appliance, RECEPTACLES.index("cabinet"), rec_type)
   rec_type = jnp.where(jnp.arange(R_MAX) < nr, rec_type, -1)
   rec_num = _numbered(rec_type, R_MAX)
-  appliance = (rec_type == SINK) | (rec_type == MICROWAVE) | (rec_type == FRIDGE)
 
   # objects: goal objects first (goal_count of them, two at least for pick2), then
   # random others
@@ -213,8 +218,7 @@ def reset(params: HouseholdParams, key: jax.Array, split: str = "train") -> Stat
   obj_type = jnp.where(jnp.arange(O_MAX) < _need(params, goal), goal[1], others)
   obj_type = jnp.where(jnp.arange(O_MAX) < no, obj_type, -1).astype(jnp.int32)
   obj_num = _numbered(obj_type, O_MAX)
-  # objects start in non-appliance receptacles that are not of the goal type
-  ok = (rec_type >= 0) & ~appliance & (rec_type != goal[2])  # never empty: slot 4
+  ok = start_receptacles(rec_type, goal[2])  # never empty: slot 4
   logits = jnp.where(ok, 0.0, -jnp.inf)
   obj_loc = jax.random.categorical(k_loc, logits, shape=(O_MAX,)).astype(jnp.int32)
   obj_loc = jnp.where(obj_type >= 0, obj_loc, -2)
@@ -430,9 +434,7 @@ def expert_action(state: State, search: bool = False) -> jax.Array:
                            jnp.stack([treat_verb, state.holding, appliance]))
   fetch = reach(state.obj_loc[target_obj], jnp.int32(V_TAKE), target_obj)
   if search:
-    kinds = jnp.maximum(state.rec_type, 0)
-    searchable = ((state.rec_type >= 0) & ~state.rec_seen & (kinds != SINK)
-                  & (kinds != MICROWAVE) & (kinds != FRIDGE) & (state.rec_type != rtype))
+    searchable = start_receptacles(state.rec_type, rtype) & ~state.rec_seen
     nxt = jnp.argmax(searchable).astype(jnp.int32)
     look_in = jnp.where(here != nxt, jnp.array([V_GO, -1, nxt]), jnp.array([V_OPEN, -1, nxt]))
     fetch = jnp.where(jnp.any(cand), fetch, look_in)

@@ -193,9 +193,7 @@ def test_searching_planner_acts_only_on_what_was_seen():
   states = jax.vmap(lambda k: hh.reset(params, k, "train"))(keys)
 
   def hidden_move(st):  # the first goal object to the other end of the searchable slots
-    kinds = jnp.maximum(st.rec_type, 0)
-    ok = ((st.rec_type >= 0) & (kinds != hh.SINK) & (kinds != hh.MICROWAVE)
-          & (kinds != hh.FRIDGE) & (st.rec_type != st.goal[2]))
+    ok = hh.start_receptacles(st.rec_type, st.goal[2])
     last = hh.R_MAX - 1 - jnp.argmax(ok[::-1])
     first = jnp.argmax(ok)
     dest = jnp.where(st.obj_loc[0] == last, first, last)
