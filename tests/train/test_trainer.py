@@ -203,6 +203,25 @@ def test_bad_config_fails_in_one_line(override, field):
   assert message.startswith(field) and "\n" not in message
 
 
+SHIPPED = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_validates(name):
+  """A config in configs/ that fails its own validation would only show on a user's first
+  run; the paper-scale ones need the user's model directories and say so."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  if config.student.init == "hf" and not config.student.path:
+    with pytest.raises(ConfigError, match=r"^config\.student\.path: hf directory '' does not"):
+      validate(config)
+  else:
+    validate(config)
+
+
 def test_bad_config_from_the_command_line(tmp_path):
   proc = _run(str(tmp_path / "w"), str(tmp_path / "t"), "--config.method=ppo", check=False)
   assert proc.returncode == 2
