@@ -7,7 +7,8 @@ command did nothing (``info["invalid"]``, or the device env's ``invalid`` flag).
 invalid turn still costs its turn (the environment gets an empty command and answers as
 it does to nonsense), is counted (``Trajectory.invalid``, the ``invalid_rate`` metric)
 and, with ``env.invalid_penalty = c``, earns ``-c`` on top of the environment's reward
-(verl-agent's ``invalid_action_penalty_coef``; its scripts use 0.1). The functions take
+(verl-agent's ``invalid_action_penalty_coef``; its scripts use 0.1 against a success
+reward of 10, the configs' default 0.01 against our 1). The functions take
 numpy or JAX arrays alike.
 """
 from __future__ import annotations

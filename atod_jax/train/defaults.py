@@ -61,8 +61,12 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
-# verl-agent's invalid_action_penalty_coef in its scripts: an invalid turn earns -0.1
-INVALID_PENALTY = 0.1
+# verl-agent's ratio: its scripts charge an invalid turn 0.1 (invalid_action_penalty_coef)
+# against a success reward of 10 (ALFWorld, WebShop, ScienceWorld: 10 * won); every
+# environment here rewards a success with 1, so the same ratio is 0.01. (0.1 against 1,
+# the default until 2026-12-03, lets a 30-turn episode's penalties outweigh its success:
+# on the long household preset the RL term then trades success for valid turns.)
+INVALID_PENALTY = 0.01
 
 
 def household_env(preset: str = "easy", obs_len: int = 24) -> dict:

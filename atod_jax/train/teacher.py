@@ -128,10 +128,15 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What makes a built teacher, as JSON gives it back (tuples as lists: the stored copy
   must compare equal)."""
   e = config.eval  # the selection's protocol shapes the build too
+  env = config.env.to_dict()
+  if not config.teacher.build.get("grpo_steps", 0):
+    # the invalid-turn penalty is a reward: behaviour cloning and the selection (by
+    # success) never see it, so a cloned teacher serves any penalty
+    env.pop("invalid_penalty", None)
   return json.loads(json.dumps({"params_layout": PARAMS_LAYOUT,
                                 "model": config.teacher.model.to_dict(),
                                 "build": config.teacher.build.to_dict(),
-                                "env": config.env.to_dict(),
+                                "env": env,
                                 "select": [e.select_split, e.temperature, e.seed]}))
 
 

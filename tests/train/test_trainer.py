@@ -607,6 +607,26 @@ def test_cache_fingerprints_survive_their_json_round_trip():
     assert json.loads(json.dumps(fp)) == fp
 
 
+def test_a_cloned_teacher_serves_any_invalid_penalty_a_reinforced_one_does_not():
+  """The invalid-turn penalty is a reward: a teacher built by behaviour cloning alone
+  (selected by success) is the same whatever the penalty and is reused; one with a GRPO
+  phase learned from the penalised reward and is rebuilt when it changes. Other env
+  fields still make a new teacher."""
+  from atod_jax.train.teacher import fingerprint as _fingerprint
+
+  def fp(penalty, grpo_steps=0, **env):
+    config = tiny_config.get_config()
+    config.env.invalid_penalty = penalty
+    config.env.update(env)
+    config.teacher.build.grpo_steps = grpo_steps
+    return _fingerprint(config)
+
+  assert fp(0.1) == fp(0.01) == fp(0.0)
+  assert fp(0.1, grpo_steps=2) != fp(0.01, grpo_steps=2)
+  assert fp(0.1, grpo_steps=2) == fp(0.1, grpo_steps=2)
+  assert fp(0.01, obs_len=12) != fp(0.01)
+
+
 def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
   """Our checkpoints record the parameter layout: one written before the MLP's gate and
   up became one parameter is refused with a one-line reason (not an orbax tree error),
