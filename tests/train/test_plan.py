@@ -12,18 +12,11 @@ from flax import nnx
 from atod_jax.models import DecoderLM, ModelConfig
 from atod_jax.sampling.logprobs import token_logprobs
 from atod_jax.train import plan as pl
+from tests.train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_libtpu = pytest.mark.skipif(not pl.has_tpu_compiler(),
                                   reason="libtpu is not installed (pip install 'jax[tpu]')")
-
-
-def _config(name: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -65,7 +58,8 @@ def test_unknown_targets_and_models_fail_in_one_line():
     with pytest.raises(pl.PlanError, match="libtpu does not know the topology 'v5e:3x7'"):
       pl.topology("v5e:3x7")
   with pytest.raises(pl.PlanError, match="device"):
-    pl.plan(_config("quickstart"), "v5e:2x4", student="qwen3-0.6b", teacher="qwen3-4b")
+    pl.plan(tiny_config.shipped("quickstart"), "v5e:2x4", student="qwen3-0.6b",
+            teacher="qwen3-4b")
 
 
 def test_meshes_cover_every_split():
@@ -81,7 +75,7 @@ def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   docs/scaling.md: every function compiles for the TPU and fits its 16 GiB a chip, and
   the resident bytes are the shapes' (f32 AdamW state of 0.6 B parameters and bf16
   teacher weights over 8 chips)."""
-  config = _config("alfworld_qwen3")
+  config = tiny_config.shipped("alfworld_qwen3")
   plan = pl.plan(config, "v5e:2x4", student="qwen3-0.6b", teacher="qwen3-4b")
   names = [r.name for r in plan.rows]
   assert names == ["rollout/prefill", "rollout/decode", "score/teacher", "score/student",

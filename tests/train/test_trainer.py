@@ -203,18 +203,14 @@ def test_bad_config_fails_in_one_line(override, field):
   assert message.startswith(field) and "\n" not in message
 
 
-SHIPPED = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+SHIPPED = sorted(f[:-3] for f in os.listdir(tiny_config.CONFIGS) if f.endswith(".py"))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_validates(name):
   """A config in configs/ that fails its own validation would only show on a user's first
   run; the paper-scale ones need the user's model directories and say so."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = tiny_config.shipped(name)
   if config.student.init == "hf" and not config.student.path:
     with pytest.raises(ConfigError, match=r"^config\.student\.path: hf directory '' does not"):
       validate(config)
@@ -572,11 +568,6 @@ def test_baseline_methods_run_through_the_command_line(reference, method, extra)
 def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
   """The real-environment and paper-scale fields: a wrong layout, gradient-accumulation
   slices that do not divide a mini-batch, an HF model override that is no model field."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "sqa", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "searchqa_qwen3.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   hf = tmp_path / "hf"
   hf.mkdir()
   for change, field in [(lambda c: c.env.update(layout="stack"), "config.env.layout"),
@@ -587,7 +578,7 @@ def test_bad_text_env_and_hf_fields_fail_in_one_line(tmp_path):
                         # a growing context keeps each answer's tokens: it needs slots
                         (lambda c: c.env.update(layout="context", obs_len=0),
                          "config.env.obs_len")]:
-    config = module.get_config()
+    config = tiny_config.shipped("searchqa_qwen3")
     config.student.path = config.teacher.path = str(hf)
     change(config)
     with pytest.raises(ConfigError) as e:

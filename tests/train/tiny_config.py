@@ -4,14 +4,20 @@ import os
 
 from atod_jax.train import defaults as d
 
-_QS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.py")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs")
+
+
+def shipped(name: str):
+  """``configs/<name>.py``'s config, as ``--config`` loads it."""
+  spec = importlib.util.spec_from_file_location(f"{name}_config",
+                                                os.path.join(CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("quickstart_config", _QS)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = shipped("quickstart")
   c.teacher.model = d.tiny_model(32, 2, 2, 64)
   c.teacher.build.update(demo_episodes=16, sft_steps=3, batch_size=8, select_episodes=8)
   c.student.model = d.tiny_model(32, 1, 2, 64)
