@@ -2,9 +2,10 @@
 (the searching planner, which acts only on what the agent has seen, needs 19-23 turns,
 p10-p90 over 512 tasks; the other presets' 4-9), 30 turns allowed.
 Otherwise the quickstart, with more cloning for both models: a 3-layer teacher built by
-600 steps of behaviour cloning (300 left it at 0.25 held-out success, 600 at 0.56;
-its selection success was still rising), a 2-layer student warm-started by 400 steps on
-2,048 expert episodes (0.15 held-out success: 200 steps on 256 left it at 0.01), ATOD over
+600 steps of behaviour cloning (300 left it at 0.25 held-out success, 600 at 0.56, one
+build seed each; its selection success was still rising), a 2-layer student warm-started
+by 400 steps on 2,048 expert episodes (0.15 held-out success: 200 steps on 256 left it at
+0.01; seed 0), ATOD over
 100 steps of 8 tasks x 8 rollouts. Made to test whether T-DUR's
 turn weights matter once episodes are long, against a teacher that is good but not
 perfect:

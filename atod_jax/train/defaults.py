@@ -65,7 +65,8 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
 # against a success reward of 10 (ALFWorld, WebShop, ScienceWorld: 10 * won); every
 # environment here rewards a success with 1, so the same ratio is 0.01. (0.1 against 1,
 # the default until 2026-12-03, lets a 30-turn episode's penalties outweigh its success:
-# on the long household preset the RL term then trades success for valid turns.)
+# in one run on the long household preset the RL term then traded success for valid
+# turns; experiments/RESULTS.md.)
 INVALID_PENALTY = 0.01
 
 
