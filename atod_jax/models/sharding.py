@@ -174,6 +174,9 @@ def host_values(tree):
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  if any(isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+         for x in jax.tree.leaves(tree)):
+    sync("gathering")  # (see :func:`sync`: a collective is no barrier on CPUs)
   return jax.tree.map(one, tree)
 
 
@@ -253,6 +256,7 @@ class RowSplit:
     if not self.multi:
       return local
     from jax.experimental import multihost_utils
+    sync("any row")  # (see :func:`sync`: a collective is no barrier on CPUs)
     return bool(np.any(multihost_utils.process_allgather(np.asarray([local]))))
 
 
@@ -264,6 +268,7 @@ def all_processes(items: list) -> list:
   import json
   from jax.experimental import multihost_utils
   data = np.frombuffer(json.dumps(items).encode(), np.uint8)
+  sync("all processes' items")  # (see :func:`sync`: a collective is no barrier on CPUs)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size]))).ravel()
   padded = np.zeros(int(np.max(sizes)), np.uint8)
   padded[:data.size] = data
@@ -272,3 +277,46 @@ def all_processes(items: list) -> list:
   for row, n in zip(every, sizes):
     out.extend(json.loads(bytes(row[:int(n)]).decode()))
   return out
+
+
+class Together:
+  """A jitted function whose first call with each new signature (array shapes, dtypes
+  and shardings; the other arguments' values) is compiled on its own and then waits for
+  every process (:func:`sync`) before it runs; the call then finds the compiled program
+  in JAX's cache. In a multi-process run on CPUs a process that reaches a collective
+  more than 30 s after another fails (gloo's deadline for setting up a communicator, and
+  for every reduce-scatter), and on a loaded machine one process can compile the same
+  program that much slower than another. A single-process call, or one inside a trace,
+  goes straight to the function. Everything else (``lower``, ...) is the function's."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self._seen: set = set()
+
+  def __getattr__(self, name):
+    return getattr(self.fn, name)
+
+  def __call__(self, *args, **kwargs):
+    if jax.process_count() == 1:
+      return self.fn(*args, **kwargs)
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+      return self.fn(*args, **kwargs)
+    signature = (tree, tuple(_signature(x) for x in leaves))
+    if signature not in self._seen:
+      self.fn.lower(*args, **kwargs).compile()
+      sync(f"compiled {getattr(self.fn, '__name__', 'a function')}")
+      self._seen.add(signature)
+    return self.fn(*args, **kwargs)
+
+
+def _signature(x):
+  if isinstance(x, jax.Array):
+    return ("array", x.shape, x.dtype, x.sharding)
+  if isinstance(x, np.ndarray):
+    return ("numpy", x.shape, x.dtype)
+  try:
+    hash(x)
+  except TypeError:
+    return ("object", type(x))
+  return ("value", type(x), x)

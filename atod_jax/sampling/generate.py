@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atod_jax.models.decoder import DecoderLM, KVCache
+from atod_jax.models.sharding import Together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +168,7 @@ def append_tokens(model: DecoderLM, cache: KVCache, tokens, valid):
   return (last @ model.unembed_matrix(last.dtype)).astype(jnp.float32), cache
 
 
+@Together
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _append(graphdef, state, cache, tokens, valid):
   return append_tokens(nnx.merge(graphdef, state), cache, tokens, valid)
@@ -219,6 +221,7 @@ def decode_loop(model: DecoderLM, cache: KVCache, logits, key, max_new_tokens: i
                       cache, logits)
 
 
+@Together
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
 def _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
             max_new, pad_id):

@@ -27,6 +27,7 @@ import ml_collections
 import optax
 
 from atod_jax import objectives as obj
+from atod_jax.models.sharding import Together
 from atod_jax.objectives.schedules import AnnealingSchedules, annealing_schedules
 from atod_jax.rollout.trajectory import Trajectory, flat, trained_mask
 from atod_jax.train import steps
@@ -190,7 +191,7 @@ def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: Adva
   return adv.reshape(traj.tokens.shape), distill, metrics
 
 
-jit_advantages = jax.jit(advantages, static_argnums=(4,))
+jit_advantages = Together(jax.jit(advantages, static_argnums=(4,)))
 
 
 def schedules(config: ml_collections.ConfigDict, method: Method) -> AnnealingSchedules:

@@ -6,7 +6,6 @@ structure (the NNX ``graphdef``) is passed separately and stays out of the state
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -17,6 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from atod_jax import objectives as obj
+from atod_jax.models.sharding import Together
 from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_mask
 from atod_jax.objectives.distill import map_sequence_chunks
 from atod_jax.sampling.logprobs import logprobs_from_hidden, token_logprobs
@@ -327,10 +327,10 @@ def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Bat
 
 
 # Jitted entry points: the model structure, the optimizer and the settings records are
-# static; the state is donated (updated in place).
-jit_policy_update = functools.partial(
-    jax.jit, static_argnums=(0, 1, 6, 7, 8, 9), donate_argnums=(2,))(policy_update)
-jit_sft_update = functools.partial(
-    jax.jit, static_argnums=(0, 1, 5), donate_argnums=(2,))(sft_update)
-jit_score = functools.partial(jax.jit, static_argnums=(0,),
-                              static_argnames=("temperature", "chunks", "rows"))(score)
+# static; the state is donated (updated in place). Together: a multi-process run's
+# processes start each newly compiled program together.
+jit_policy_update = Together(jax.jit(policy_update, static_argnums=(0, 1, 6, 7, 8, 9),
+                                     donate_argnums=(2,)))
+jit_sft_update = Together(jax.jit(sft_update, static_argnums=(0, 1, 5), donate_argnums=(2,)))
+jit_score = Together(jax.jit(score, static_argnums=(0,),
+                             static_argnames=("temperature", "chunks", "rows")))

@@ -30,24 +30,52 @@ def _port() -> int:
 
 
 def _start(workdir, processes: int, devices: int, config: str, *overrides):
+  """The processes, each writing its output to ``<workdir>.<i>.log`` (a file: a pipe
+  nobody reads while they run would fill and stop them)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   port = _port()
-  return [subprocess.Popen(
-      [sys.executable, "-m", "atod_jax.main", f"--config={config}", f"--workdir={workdir}",
-       *overrides, f"--config.distributed.num_processes={processes}",
-       f"--config.distributed.process_id={i}",
-       f"--config.distributed.coordinator={'localhost:%d' % port if processes > 1 else ''}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(processes)]
+  procs = []
+  for i in range(processes):
+    log = f"{workdir}.{i}.log"
+    with open(log, "w") as out:  # (the process holds its own)
+      p = subprocess.Popen(
+          [sys.executable, "-m", "atod_jax.main", f"--config={config}", f"--workdir={workdir}",
+           *overrides, f"--config.distributed.num_processes={processes}",
+           f"--config.distributed.process_id={i}",
+           f"--config.distributed.coordinator={'localhost:%d' % port if processes > 1 else ''}"],
+          cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    p.log = log
+    procs.append(p)
+  return procs
 
 
-def _run(workdir, processes: int, devices: int, config: str, *overrides):
+def _logs(procs) -> list[str]:
+  out = []
+  for p in procs:
+    with open(p.log) as f:
+      out.append(f.read())
+  return out
+
+
+def _run(workdir, processes: int, devices: int, config: str, *overrides, timeout=900):
+  """Runs the processes to their end; fails with each one's output when one fails or
+  they are still running after ``timeout`` seconds (one left waiting at a barrier for a
+  failed one, which is killed then: its log says why)."""
   procs = _start(workdir, processes, devices, config, *overrides)
-  logs = [p.communicate(timeout=900)[0] for p in procs]
-  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-  assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{_excerpt(logs[i])}"
-                                for i in range(processes))
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+    time.sleep(0.5)
+  hung = [i for i, p in enumerate(procs) if p.poll() is None]
+  for i in hung:
+    procs[i].kill()
+  for p in procs:
+    p.wait()
+  logs = _logs(procs)
+  report = "\n".join(f"process {i} (exit {procs[i].returncode}):\n{_excerpt(logs[i])}"
+                     for i in range(processes))
+  assert not hung, f"processes {hung} still running after {timeout} s, killed:\n{report}"
+  assert all(p.returncode == 0 for p in procs), report
   return logs
 
 
@@ -96,12 +124,12 @@ def test_household_two_processes_equal_one_and_resume_after_kill(tmp_path):
   deadline = time.monotonic() + 600
   while not os.path.isdir(again / "checkpoints" / "1"):  # orbax renames it when complete
     assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-        [p.communicate()[0][-2000:] for p in procs if p.poll() is not None]
+        [log[-2000:] for p, log in zip(procs, _logs(procs)) if p.poll() is not None]
     time.sleep(0.02)
   for p in procs:
     p.send_signal(signal.SIGKILL)
   for p in procs:
-    p.communicate()
+    p.wait()
   assert not os.path.exists(again / "summary.json")  # killed before the run's end
   resumed = _run(again, 2, 4, config, "--config.train.steps=2")
   assert "resuming from the checkpoint at step 1" in resumed[0]
@@ -183,17 +211,28 @@ if jax.process_index() == 0:
   time.sleep(float(sys.argv[3]))  # process 0 writing plots, or compiling, on a loaded machine
 if sys.argv[4] == "sync":
   distributed.sync("late")
-print(multihost_utils.process_allgather(np.arange(2) + jax.process_index()).sum())
+if sys.argv[4] == "together":  # the first program with a collective, compiled apart
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from atod_jax.models.sharding import Together, make_mesh
+  mesh = make_mesh()  # one device a process: data = 2
+  x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")),
+                                             np.asarray([jax.process_index() + 1.0]), (2,))
+  total = Together(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P())))(x)
+  print(int(np.asarray(total.addressable_data(0))))  # 1 + 2
+else:
+  print(multihost_utils.process_allgather(np.arange(2) + jax.process_index()).sum())
 """
 
 
-@pytest.mark.parametrize("barrier", ["sync", "none"])
+@pytest.mark.parametrize("barrier", ["sync", "together", "none"])
 def test_a_process_40s_late_is_waited_for(tmp_path, barrier):
   """distributed.sync is a barrier of the coordination service: a process that gets to
   it 40 s after the other is waited for (up to an hour), and the collective after it
-  starts together. Without it, the first collective over a new set of devices fails:
-  gloo sets up its communicator with a 30 s deadline (this case shows that the test's
-  40 s matter)."""
+  starts together; so does the first call of a program compiled apart by
+  models.sharding.Together (the trainer's jitted steps and host gathers). Without
+  either, the first collective over a new set of devices fails: gloo sets up its
+  communicator with a 30 s deadline (this case shows that the test's 40 s matter)."""
   script = tmp_path / "late.py"
   script.write_text(LATE)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -204,12 +243,13 @@ def test_a_process_40s_late_is_waited_for(tmp_path, barrier):
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   for f in outs:  # (the processes hold their own)
     f.close()
-  if barrier == "sync":
+  if barrier != "none":
     for p in procs:
       p.wait(timeout=600)
     logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
     assert all(p.returncode == 0 for p in procs), [_excerpt(g) for g in logs]
-    assert [g.strip().splitlines()[-1] for g in logs] == ["4", "4"]
+    expected = {"sync": "4", "together": "3"}[barrier]  # (0 + 1) + (1 + 2); 1 + 2
+    assert [g.strip().splitlines()[-1] for g in logs] == [expected, expected]
   else:  # process 1 fails at 30 s (then both wait for each other at shutdown, for minutes)
     deadline = time.monotonic() + 300
     failure = "Gloo context initialization failed"

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atod_jax.envs import registry
-from atod_jax.models.sharding import shard_batch
+from atod_jax.models.sharding import Together, shard_batch
 from atod_jax.rollout.device import DeviceRollout, rollout
 from atod_jax.rollout.trajectory import Trajectory, summarize
 from atod_jax.sampling.generate import SamplingParams
@@ -28,7 +28,7 @@ def rollout_fn(graphdef, spec: DeviceRollout, split: str, sampling: SamplingPara
     return rollout(model, spec, task_keys, key, split=split, sampling=sampling,
                    group_ids=group_ids, expert_noise=expert_noise,
                    invalid_penalty=invalid_penalty)
-  return jax.jit(run)
+  return Together(jax.jit(run))
 
 
 def task_keys(key: jax.Array, tasks: int, group: int):
