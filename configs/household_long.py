@@ -13,9 +13,9 @@ perfect:
     python experiments/compare_methods.py --config configs/household_long.py \\
         --workdir runs/long --methods atod,atod_uniform --seeds 0,1,2,3,4
 
-Measured on 3 seeds (2026-12-03, experiments/RESULTS.md): no gain from T-DUR
-(atod_uniform - atod = +0.046 [-0.004, +0.141] final), and neither method improves on
-the warm start in 100 steps (teacher 0.559).
+Measured on 4 seeds (2026-12-03, experiments/RESULTS.md): no gain from T-DUR
+(atod_uniform - atod = +0.043 [-0.002, +0.105] final), and neither method improves much
+on the warm start in 100 steps (0.11 / 0.15 against 0.13; teacher 0.559).
 """
 from atod_jax.train import defaults as d
 
