@@ -170,12 +170,14 @@ def host_values(tree):
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
 
+  def split(x) -> bool:  # over several processes' devices: gathered
+    return isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+
   def one(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    if not split(x):
       return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  if any(isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
-         for x in jax.tree.leaves(tree)):
+  if any(split(x) for x in jax.tree.leaves(tree)):
     sync("gathering")  # (see :func:`sync`: a collective is no barrier on CPUs)
   return jax.tree.map(one, tree)
 
@@ -284,9 +286,9 @@ class Together:
   and shardings; the other arguments' values) is compiled on its own and then waits for
   every process (:func:`sync`) before it runs; the call then finds the compiled program
   in JAX's cache. In a multi-process run on CPUs a process that reaches a collective
-  more than 30 s after another fails (gloo's deadline for setting up a communicator, and
-  for every reduce-scatter), and on a loaded machine one process can compile the same
-  program that much slower than another. A single-process call, or one inside a trace,
+  more than 30 s after another fails (gloo's deadline for setting up a communicator; in
+  XLA's gloo code also every reduce-scatter's), and on a loaded machine one process can
+  compile the same program that much slower than another. A single-process call, or one inside a trace,
   goes straight to the function. Everything else (``lower``, ...) is the function's."""
 
   def __init__(self, fn):
