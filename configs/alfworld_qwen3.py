@@ -21,6 +21,7 @@ and the student answers <think>...</think><action>...</action> in at most 512 to
 Memory: each layer is rematerialised in the backward pass (model.remat) and a
 mini-batch's gradient is accumulated over 8 slices of 2 trajectories (optim.microbatches);
 raise microbatches if a step does not fit, lower it if it does with room to spare.
+The 1.7B student on v5e-8 needs --config.optim.microbatches=16.
 The 4B student with the Qwen3-30B-A3B teacher on v5e-8 needs
 --config.optim.optimizer=adafactor --config.optim.microbatches=32
 --config.teacher.offload=True (the teacher's weights in host memory; docs/scaling.md).

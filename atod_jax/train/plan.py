@@ -60,20 +60,29 @@ class PlanError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One accelerator chip: HBM, peak dense bf16 FLOP/s and HBM bandwidth (Google Cloud's
-  published figures per chip)."""
+  """One accelerator chip: the HBM a program may use, peak dense bf16 FLOP/s and HBM
+  bandwidth (Google Cloud's published figures per chip).
+
+  ``hbm_bytes`` is not the published capacity (``published_gib``) but the largest buffer
+  the TPU compiler accepts on one device of the topology: the runtime keeps the rest
+  (v5e 15.75 of 16 GiB, v6e 31.25 of 32; the same as the ``bytes_limit`` that
+  ``memory_stats()`` reports on those chips, to within 60 KB). Measured with libtpu by
+  bisection; ``tests/train/test_plan.py`` checks each figure against the compiler. The
+  compile-only v4 device is given 15.25 GiB, half the published 32: a plan for v4 is held
+  to that."""
 
   name: str
   hbm_bytes: int
   peak_flops: float
   hbm_bandwidth: float
+  published_gib: int
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
+    "v4": Chip("TPU v4", 16_372_942_336, 275e12, 1228e9, 32),
+    "v5e": Chip("TPU v5e", 16_909_281_280, 197e12, 819e9, 16),
+    "v5p": Chip("TPU v5p", 102_803_369_984, 459e12, 2765e9, 95),
+    "v6e": Chip("TPU v6e", 33_550_178_304, 918e12, 1640e9, 32),
 }
 
 # The published config.json shapes of the paper's models (Qwen/Qwen3-*): the plan needs
@@ -280,8 +289,8 @@ class Plan:
     gb = lambda b: f"{b / GiB:.2f}"  # noqa: E731
     m = self.mesh
     lines = [f"{self.target} ({self.chips} x {self.chip.name}, {gb(self.chip.hbm_bytes)} GiB "
-             f"HBM a chip), mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
-             f"microbatches={self.microbatches}, optimizer {self.optimizer}; student "
+             f"of HBM usable a chip), mesh data={m['data']} fsdp={m['fsdp']} "
+             f"tensor={m['tensor']}, microbatches={self.microbatches}, optimizer {self.optimizer}; student "
              f"{self.student}, teacher {self.teacher}", "",
              "| function | calls/step | arguments GiB | temps GiB | outputs GiB | donated GiB "
              "| resident GiB | peak GiB/chip | TFLOP/call | s/step (bound) |",
@@ -626,13 +635,13 @@ def search(config, target: str, *, student: str, teacher: str,
 def overview(plans: Sequence[Plan]) -> str:
   """One line per plan: a table for ``docs/``."""
   lines = ["| student | teacher | target | mesh (data, fsdp, tensor) | micro-batches "
-           "| optimizer | peak GiB/chip | HBM GiB | fits | PFLOP/step | s/step (bound) |",
+           "| optimizer | peak GiB/chip | usable HBM GiB | fits | PFLOP/step | s/step (bound) |",
            "|---|---|---|---|---:|---|---:|---:|---|---:|---:|"]
   for p in plans:
     m = p.mesh
     lines.append(f"| {p.student} | {p.teacher} | {p.target} | {m['data']}, {m['fsdp']}, "
                  f"{m['tensor']} | {p.microbatches} | {p.optimizer} | {p.peak / GiB:.2f} "
-                 f"| {p.chip.hbm_bytes / GiB:.0f} | {'yes' if p.fits else 'no'} "
+                 f"| {p.chip.hbm_bytes / GiB:.2f} | {'yes' if p.fits else 'no'} "
                  f"| {p.step_flops / 1e15:.1f} | {p.step_seconds:.0f} |")
   return "\n".join(lines)
 

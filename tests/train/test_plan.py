@@ -69,10 +69,33 @@ def test_meshes_cover_every_split():
 
 @pytest.mark.long
 @needs_libtpu
+@pytest.mark.parametrize("target", ["v5e:2x4", "v6e:2x4", "v5p:2x2x1", "v4:2x2x1"])
+def test_chip_hbm_is_what_the_tpu_compiler_accepts(target):
+  """The plan's usable HBM a chip is the compiler's own limit: one buffer 1 MiB under it
+  compiles for a device of the topology, 1 MiB over it is refused (out of HBM)."""
+  from jax.experimental import topologies
+  from jax.sharding import SingleDeviceSharding
+  device = topologies.get_topology_desc(target, platform="tpu").devices[0]
+  limit = pl.CHIPS[target.split(":")[0]].hbm_bytes
+
+  def compiles(nbytes):
+    f = jax.jit(lambda: jnp.ones((nbytes,), jnp.int8), out_shardings=SingleDeviceSharding(device))
+    try:
+      f.lower().compile()
+    except Exception as e:  # noqa: BLE001 (the compiler's error type is not public)
+      assert "memory" in str(e).lower() or "hbm" in str(e).lower(), e
+      return False
+    return True
+
+  assert compiles(limit - 2**20)
+  assert not compiles(limit + 2**20)
+
+
+@needs_libtpu
 def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   """configs/alfworld_qwen3.py with Qwen3-0.6B and a Qwen3-4B teacher, the paper's batch
   (8 x 8 episodes, 50 turns of 2,048 + 512 tokens) on v5e:2x4 in the setting of
-  docs/scaling.md: every function compiles for the TPU and fits its 16 GiB a chip, and
+  docs/scaling.md: every function compiles for the TPU and fits its 15.75 GiB a chip, and
   the resident bytes are the shapes' (f32 AdamW state of 0.6 B parameters and bf16
   teacher weights over 8 chips)."""
   config = tiny_config.shipped("alfworld_qwen3")
