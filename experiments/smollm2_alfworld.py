@@ -9,7 +9,9 @@
         --config.rollout.tasks_per_step=8 --config.rollout.group_size=8 --config.env.max_turns=50
 
 Stages (``configs/alfworld_smollm2.py`` and its overrides):
-- ``baseline``: the untrained model on ``--episodes`` games of each report split at the
+- ``baseline``: the config's student (the untrained model; or a trained one:
+  ``--config.student.init=hf --config.student.path=<run>/student_hf``) on ``--episodes``
+  games of each report split at the
   validation temperature: success, the share of turns whose answer holds no
   ``<action>`` (format errors), the share of invalid turns (format errors and commands
   the game does not admit), answer length; and a few of its answers. Writes
@@ -44,6 +46,7 @@ flags.mark_flag_as_required("workdir")
 def baseline(config, workdir: str) -> None:
   from atod_jax.envs.prompts import extract_action
   from atod_jax.models import checkpoint as model_io
+  from atod_jax.models.gguf import smollm2_path
   from atod_jax.rollout.host import host_rollout
   from atod_jax.sampling.generate import SamplingParams
   from atod_jax.train.sources import make_source
@@ -76,7 +79,8 @@ def baseline(config, workdir: str) -> None:
             "samples": samples}
   with open(os.path.join(workdir, "baseline.json"), "w") as f:
     json.dump(result, f, indent=1)
-  print(f"{result['model']} ({cfg.num_params() / 1e6:.1f}M), untrained, T="
+  trained = "untrained" if s.path == smollm2_path() else s.path
+  print(f"{result['model']} ({cfg.num_params() / 1e6:.1f}M), {trained}, T="
         f"{config.eval.temperature}, answers of at most {config.env.response_len} tokens, "
         f"{config.env.max_turns} turns:\n")
   print("| split | episodes | success | format errors (share of turns) | invalid turns | "
