@@ -67,7 +67,6 @@ def test_meshes_cover_every_split():
   assert all(d * f * t == 8 for d, f, t in pl.meshes(8)) and len(pl.meshes(8)) == 10
 
 
-@pytest.mark.long
 @needs_libtpu
 @pytest.mark.parametrize("target", ["v5e:2x4", "v6e:2x4", "v5p:2x2x1", "v4:2x2x1"])
 def test_chip_hbm_is_what_the_tpu_compiler_accepts(target):
@@ -91,6 +90,7 @@ def test_chip_hbm_is_what_the_tpu_compiler_accepts(target):
   assert not compiles(limit + 2**20)
 
 
+@pytest.mark.long
 @needs_libtpu
 def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   """configs/alfworld_qwen3.py with Qwen3-0.6B and a Qwen3-4B teacher, the paper's batch
