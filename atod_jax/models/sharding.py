@@ -288,8 +288,8 @@ class Together:
   in JAX's cache. In a multi-process run on CPUs a process that reaches a collective
   more than 30 s after another fails (gloo's deadline for setting up a communicator; in
   XLA's gloo code also every reduce-scatter's), and on a loaded machine one process can
-  compile the same program that much slower than another. A single-process call, or one inside a trace,
-  goes straight to the function. Everything else (``lower``, ...) is the function's."""
+  compile the same program that much slower than another. A single-process call, or one
+  inside a trace, goes straight to the function. Everything else (``lower``, ...) is the function's."""
 
   def __init__(self, fn):
     self.fn = fn

@@ -63,7 +63,7 @@ class Chip:
   """One accelerator chip: the HBM a program may use, peak dense bf16 FLOP/s and HBM
   bandwidth (Google Cloud's published figures per chip).
 
-  ``hbm_bytes`` is not the published capacity (``published_gib``) but the largest buffer
+  ``hbm_bytes`` is not the published capacity but the largest buffer
   the TPU compiler accepts on one device of the topology: the runtime keeps the rest
   (v5e 15.75 of 16 GiB, v6e 31.25 of 32; the same as the ``bytes_limit`` that
   ``memory_stats()`` reports on those chips, to within 60 KB). Measured with libtpu by
@@ -75,14 +75,13 @@ class Chip:
   hbm_bytes: int
   peak_flops: float
   hbm_bandwidth: float
-  published_gib: int
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 16_372_942_336, 275e12, 1228e9, 32),
-    "v5e": Chip("TPU v5e", 16_909_281_280, 197e12, 819e9, 16),
-    "v5p": Chip("TPU v5p", 102_803_369_984, 459e12, 2765e9, 95),
-    "v6e": Chip("TPU v6e", 33_550_178_304, 918e12, 1640e9, 32),
+    "v4": Chip("TPU v4", 16_372_942_336, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16_909_281_280, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 102_803_369_984, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 33_550_178_304, 918e12, 1640e9),
 }
 
 # The published config.json shapes of the paper's models (Qwen/Qwen3-*): the plan needs
@@ -290,8 +289,8 @@ class Plan:
     m = self.mesh
     lines = [f"{self.target} ({self.chips} x {self.chip.name}, {gb(self.chip.hbm_bytes)} GiB "
              f"of HBM usable a chip), mesh data={m['data']} fsdp={m['fsdp']} "
-             f"tensor={m['tensor']}, microbatches={self.microbatches}, optimizer {self.optimizer}; student "
-             f"{self.student}, teacher {self.teacher}", "",
+             f"tensor={m['tensor']}, microbatches={self.microbatches}, "
+             f"optimizer {self.optimizer}; student {self.student}, teacher {self.teacher}", "",
              "| function | calls/step | arguments GiB | temps GiB | outputs GiB | donated GiB "
              "| resident GiB | peak GiB/chip | TFLOP/call | s/step (bound) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
