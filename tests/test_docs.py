@@ -81,3 +81,45 @@ def test_api_reference_builds(tmp_path):
   objectives = (tmp_path / "atod_jax" / "objectives.html").read_text()
   for public in ("tdur_weights", "step_advantages", "clipped_policy_loss", "atod_advantages"):
     assert public in objectives
+
+
+def _requirements() -> dict:
+  """setup.cfg's requirements (install_requires and every extra) by package name."""
+  import configparser
+  from packaging.requirements import Requirement
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(os.path.dirname(PKG), "setup.cfg"))
+  lines = cfg["options"]["install_requires"].splitlines()
+  for extra in cfg["options.extras_require"].values():
+    lines += extra.splitlines()
+  reqs = {}
+  for line in lines:
+    line = line.split("#")[0].strip()
+    if line and not line.startswith("atod_jax"):
+      r = Requirement(line)
+      reqs[r.name.lower().replace("_", "-")] = r
+  return reqs
+
+
+def test_every_requirement_is_bounded_and_the_notebook_pins_lie_inside():
+  """A new major (or a 0.x minor) of a dependency cannot reach CI unasked: every
+  requirement has an upper bound, and the versions the notebooks' Colab install cell
+  pins satisfy setup.cfg's ranges (they were the ones CI passed with)."""
+  import json
+  reqs = _requirements()
+  assert {"jax", "flax", "optax", "pytest", "transformers"} <= set(reqs)
+  unbounded = [n for n, r in reqs.items()
+               if not any(s.operator in ("<", "<=", "==", "~=") for s in r.specifier)]
+  assert not unbounded, unbounded
+  notebooks = os.path.join(os.path.dirname(PKG), "notebooks")
+  pins = set()
+  for name in sorted(os.listdir(notebooks)):
+    with open(os.path.join(notebooks, name)) as f:
+      cells = json.load(f)["cells"]
+    for cell in cells:
+      pins.update(re.findall(r'"((?:jax\[tpu\]|[a-z][\w.-]*)==[\w.]+)"', "".join(cell["source"])))
+  assert len(pins) >= 5, pins  # jax, flax, optax, orbax, chex
+  for pin in sorted(pins):
+    name, version = pin.split("==")
+    name = name.replace("[tpu]", "")
+    assert reqs[name].specifier.contains(version), (pin, str(reqs[name]))

@@ -90,7 +90,7 @@ def test_chip_hbm_is_what_the_tpu_compiler_accepts(target):
   assert not compiles(limit + 2**20)
 
 
-@pytest.mark.long
+@pytest.mark.slow  # 5-8 min of TPU compilation on 2 cores: the largest share of CI's time
 @needs_libtpu
 def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   """configs/alfworld_qwen3.py with Qwen3-0.6B and a Qwen3-4B teacher, the paper's batch
