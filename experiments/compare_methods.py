@@ -9,8 +9,9 @@ one resumes); the teacher is built once in ``<workdir>/teacher`` and shared. Wri
 ``<workdir>/comparison.md``: per method the mean over seeds with a 95% bootstrap
 interval and the paired per-seed difference to the first method (``--methods``: ATOD
 first), of the final and the kept student's success and of the final invalid-action
-rate, then mean +- std of the other measures; and ``<workdir>/comparison.png``
-(the curves, mean and the seeds' spread). The statistics: ``atod_jax.train.compare``.
+rate, then mean +- std of the other measures (the exact KL(student || teacher) on the
+evaluation episodes among them); and ``<workdir>/comparison.png`` (success and that KL
+along training, mean and the seeds' spread). The statistics: ``atod_jax.train.compare``.
 """
 from __future__ import annotations
 
@@ -40,14 +41,15 @@ def _mean_std(values):
 
 
 def _curves(path):
-  steps, succ = [], []
+  steps, succ, kl = [], [], []
   with open(path) as f:
     for line in f:
       r = json.loads(line)
       if r["kind"] == "eval":
         steps.append(r["step"])
         succ.append(r["eval/success"])
-  return steps, succ
+        kl.append(r.get("eval/kl_reverse", np.nan))
+  return steps, succ, kl
 
 
 def main(argv):
@@ -71,7 +73,7 @@ def main(argv):
       (lambda r: r["final"]["eval/invalid_rate"], "final held-out invalid-action rate")))
 
   cols = ("final eval success", "best eval success", "final greedy success", "final turns",
-          "final invalid rate")
+          "final invalid rate", "final KL(S‖T)")
   lines = [f"Budget: {base.train.steps} steps x {base.rollout.tasks_per_step} tasks x "
            f"{base.rollout.group_size} rollouts; seeds {seeds}; held-out success at "
            f"T={base.eval.temperature} over {base.eval.episodes} episodes (mean ± std).", "",
@@ -83,15 +85,17 @@ def main(argv):
         _mean_std([r["best_success"] for r in rs]),
         _mean_std([r["final"].get("greedy/success", np.nan) for r in rs]),
         _mean_std([r["final"]["eval/turns"] for r in rs]),
-        _mean_std([r["final"]["eval/invalid_rate"] for r in rs])]) + " |")
+        _mean_std([r["final"]["eval/invalid_rate"] for r in rs]),
+        _mean_std([r["final"].get("eval/kl_reverse", np.nan) for r in rs])]) + " |")
   greedy = teacher.get("greedy/success")
   lines.append(f"| teacher | {teacher['eval/success']:.3f} | - | "
                f"{'-' if greedy is None else f'{greedy:.3f}'} | {teacher['eval/turns']:.3f} | "
-               f"{teacher['eval/invalid_rate']:.3f} |")
+               f"{teacher['eval/invalid_rate']:.3f} | 0 |")
   first = results[methods[0]]
   lines.append(f"| student at step 0 | {_mean_std([r['step0']['eval/success'] for r in first])}"
                f" | - | - | {_mean_std([r['step0']['eval/turns'] for r in first])} | "
-               f"{_mean_std([r['step0']['eval/invalid_rate'] for r in first])} |")
+               f"{_mean_std([r['step0']['eval/invalid_rate'] for r in first])} | "
+               f"{_mean_std([r['step0'].get('eval/kl_reverse', np.nan) for r in first])} |")
   table = intervals + "\n\n" + "\n".join(lines)
   with open(os.path.join(workdir, "comparison.md"), "w") as f:
     f.write(table + "\n")
@@ -101,18 +105,24 @@ def main(argv):
   import matplotlib.pyplot as plt
   task_name = (f"household-{base.env.preset}" if base.env.kind == "household"
                else base.env.kind)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(12, 4.2))
   for method in methods:
     steps = curves[method][0][0]
-    ys = np.array([c[1] for c in curves[method]])
-    mean, std = ys.mean(0), ys.std(0)
-    ax.plot(steps, mean, "-o", ms=3, label=method)
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    for axis, i in ((ax, 1), (ax_kl, 2)):
+      ys = np.array([c[i] for c in curves[method]], float)
+      if np.isnan(ys).all():
+        continue
+      mean, std = ys.mean(0), ys.std(0)
+      axis.plot(steps, mean, "-o", ms=3, label=method)
+      axis.fill_between(steps, mean - std, mean + std, alpha=0.15)
   ax.axhline(teacher["eval/success"], color="k", ls="--", label="teacher")
   ax.set(xlabel="training step", ylabel=f"held-out success (T={base.eval.temperature})",
          title=f"{task_name}: mean ± std over {len(seeds)} seeds",
          ylim=(-0.02, 1.02))
   ax.legend(fontsize=8)
+  ax_kl.set(xlabel="training step", ylabel="KL(student ‖ teacher), nats per token",
+            title="imitation: exact reverse KL on the held-out episodes")
+  ax_kl.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "comparison.png"), dpi=110)
   print("\n" + table)

@@ -191,3 +191,20 @@ def step_advantages(turn_rewards, anchors, group_ids, num_turns, gamma, norm, va
     for i, t in members:
       out[i, t] = returns[i, t] - mean if norm == "mean" else (returns[i, t] - mean) / (std + eps)
   return out
+
+
+def adaptive_handoff(disagreements, window, decay, tol, anneal_steps, kappa0, kappa_min, rho0,
+                     rho_max):
+  """TIDE's trigger written out: e_0 = d_0, e_s = decay e_{s-1} + (1 - decay) d_s; the
+  hand-off starts at s + 1 for the first s >= window with e_s >= (1 - tol) e_{s-window}; kappa and
+  rho of each step (computed before its disagreement is known), then the linear anneal
+  from the start. Returns (emas, start, [(kappa, rho) per step])."""
+  emas, start, weights = [], -1, []
+  for s, d in enumerate(disagreements):
+    p = 0.0 if start < 0 else min(max((s - start) / max(anneal_steps, 1), 0.0), 1.0)
+    weights.append((kappa0 + (kappa_min - kappa0) * p, rho0 + (rho_max - rho0) * p))
+    e = d if s == 0 else decay * emas[-1] + (1 - decay) * d
+    emas.append(e)
+    if start < 0 and s >= window and e >= (1 - tol) * emas[s - window]:
+      start = s + 1
+  return emas, start, weights

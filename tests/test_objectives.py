@@ -71,6 +71,21 @@ def test_opd_signal_matches_numpy_and_hides_padding():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_opd_signal_clip_clamps_only_the_large_values():
+  """``clip=c``: numpy's clip of the signal to [-c, c] on the mask, the paper's values
+  everywhere else (a teacher log-prob of -30 on a token the student gave -0.1 weighs -2)."""
+  for _, bt in batches():
+    raw = np.where(bt["mask"] > 0, bt["teacher_logp"] - bt["behaviour_logp"], 0.0)
+    got = np.asarray(jax.jit(obj.opd_signal, static_argnums=3)(
+        bt["teacher_logp"], bt["behaviour_logp"], bt["mask"], 0.5))
+    np.testing.assert_allclose(got, np.clip(raw, -0.5, 0.5), atol=1e-6)
+    small = np.abs(raw) < 0.5
+    np.testing.assert_allclose(got[small], raw[small], atol=1e-6)
+  one = obj.opd_signal(jnp.array([[-30.0, -1.0]]), jnp.array([[-0.1, -0.5]]),
+                       jnp.ones((1, 2)), clip=2.0)
+  np.testing.assert_allclose(np.asarray(one), [[-2.0, -0.5]], atol=1e-6)
+
+
 def test_opd_signal_and_tdur_carry_no_gradient():
   bt = random_batch(0, 9, 30)
   args = (jnp.asarray(bt["teacher_logp"]), jnp.nan_to_num(bt["behaviour_logp"]))
@@ -185,6 +200,32 @@ def test_schedules_paper_values_and_traced_step():
     np.testing.assert_allclose((s.kappa(step), s.rho(step)), (k, r), atol=1e-6)
   # one compile for all steps: the step is traced, not baked in
   assert at._cache_size() == 1
+
+
+@pytest.mark.parametrize("series", ["falls_then_flat", "noisy", "never_flat"])
+def test_adaptive_handoff_against_numpy(series):
+  """The adaptive hand-off step by step (its state threaded through the steps as the
+  trainer does) equals numpy's TIDE trigger: the EMA, the start step and kappa / rho."""
+  rng = np.random.default_rng(3)
+  steps = np.arange(60)
+  d = {"falls_then_flat": np.maximum(2.0 - 0.1 * steps, 0.5),
+       "noisy": 1.0 + 0.3 * rng.standard_normal(60),
+       "never_flat": 3.0 * 0.9 ** steps}[series].astype(np.float32)
+  emas, start, weights = ref.adaptive_handoff(d.tolist(), 10, 0.9, 0.05, 8, 1.0, 0.1, 1.0, 2.0)
+  h = obj.handoff_init(10)
+  update = jax.jit(obj.handoff_update, static_argnums=(2, 3))
+  for s in range(60):
+    kappa, rho = obj.adaptive_weights(h, jnp.int32(s), 8, 1.0, 0.1, 1.0, 2.0)
+    np.testing.assert_allclose([float(kappa), float(rho)], weights[s], atol=1e-6)
+    h = update(h, d[s], 0.9, 0.05)
+    np.testing.assert_allclose(float(h.ema), emas[s], rtol=1e-5)
+  assert int(h.start) == start
+  if series == "falls_then_flat":  # falls to 0.5 at step 15; the EMA's tail flattens later
+    assert 15 < start < 60 and weights[start - 1] == (1.0, 1.0) and weights[-1][0] < 1.0
+  if series == "noisy":  # flat from the start: fires early
+    assert 10 < start < 30
+  if series == "never_flat":  # a geometric fall never flattens in relative terms
+    assert start == -1 and all(w == (1.0, 1.0) for w in weights)
 
 
 def test_schedule_shapes():

@@ -20,13 +20,16 @@ from atod_jax.objectives.distill import (
 from atod_jax.objectives.policy_loss import (
     AGGREGATIONS, ClippedTerms, aggregate_tokens, aggregation_weights, clipped_policy_loss,
     clipped_token_terms, weighted_sum)
-from atod_jax.objectives.schedules import SHAPES, AnnealingSchedules, annealing_schedules
+from atod_jax.objectives.schedules import (
+    SHAPES, AnnealingSchedules, HandOff, adaptive_weights, annealing_schedules, handoff_init,
+    handoff_update)
 from atod_jax.objectives.tdur import (
     MODES, TurnStatistics, minmax_normalize, tdur_weights, turn_statistics, turn_weights)
 
 __all__ = [
     "AGGREGATIONS", "DIVERGENCES", "ESTIMATORS", "MODES", "SHAPES", "STEP_NORMS",
-    "AnnealingSchedules", "ClippedTerms", "TurnStatistics",
+    "AnnealingSchedules", "ClippedTerms", "HandOff", "TurnStatistics", "adaptive_weights",
+    "handoff_init", "handoff_update",
     "aggregate_tokens", "aggregation_weights", "annealing_schedules", "atod_advantages",
     "clipped_policy_loss", "clipped_token_terms", "weighted_sum",
     "discounted_returns", "group_advantages", "step_advantages", "turn_values", "map_sequence_chunks", "minmax_normalize", "opd_signal",

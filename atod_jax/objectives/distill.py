@@ -14,7 +14,8 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 
 
 def opd_signal(
-    teacher_logp: jax.Array, behaviour_logp: jax.Array, mask: jax.Array
+    teacher_logp: jax.Array, behaviour_logp: jax.Array, mask: jax.Array,
+    clip: float | None = None,
 ) -> jax.Array:
   r"""On-policy-distillation signal on the sampled tokens.
 
@@ -29,6 +30,10 @@ def opd_signal(
       it (:math:`\pi_{old}`).
     mask: ``[B, L]`` generated-token mask; the result is 0 where it is 0 (padding
       values, even ``-inf``, never leak out).
+    clip: ``None`` (the paper's form) or ``c > 0``: the signal clamped to ``[-c, c]``,
+      so a token the teacher gives almost no mass (``log pi_T`` of -20 and below) weighs
+      as much as one it gives ``e^-c`` of the student's, not a hundred times a typical
+      token.
 
   Returns:
     ``[B, L]`` float32.
@@ -38,6 +43,8 @@ def opd_signal(
   on = mask > 0
   delta = (jnp.where(on, teacher_logp, 0.0).astype(jnp.float32)
            - jnp.where(on, behaviour_logp, 0.0).astype(jnp.float32))
+  if clip is not None:
+    delta = jnp.clip(delta, -clip, clip)
   return jax.lax.stop_gradient(jnp.where(on, delta, 0.0))
 
 
@@ -70,7 +77,8 @@ def map_sequence_chunks(
   than ``chunk_size`` is handled by one more call, without padding copies.
 
   Args:
-    fn: maps arrays ``[B, C, ...]`` to ``[B, C]``.
+    fn: maps arrays ``[B, C, ...]`` to ``[B, C]`` (or ``[B, C, ...]``: trailing axes are
+      kept).
     arrays: arrays sharing their first two axes ``[B, L, ...]``.
     chunk_size: chunk length ``C``; ``None`` (or ``>= L``) means a single call.
   """
@@ -88,7 +96,8 @@ def map_sequence_chunks(
     return carry, body(*parts)
 
   _, out = jax.lax.scan(step, None, jnp.arange(n_full))  # [n_full, B, C]
-  out = jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n_full * chunk_size)
+  out = jnp.moveaxis(out, 0, 1)
+  out = out.reshape(out.shape[0], n_full * chunk_size, *out.shape[3:])
   if n_full * chunk_size < length:
     tail = [a[:, n_full * chunk_size:] for a in arrays]
     out = jnp.concatenate([out, body(*tail)], axis=1)

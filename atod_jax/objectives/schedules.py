@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 Shape = Literal["linear", "cosine", "step", "constant"]
@@ -77,3 +79,56 @@ def annealing_schedules(
   c = _progress_complement(shape, int(anneal_steps))
   return AnnealingSchedules(
       kappa=_between(kappa_init, kappa_min, c), rho=_between(rho_init, rho_max, c))
+
+
+class HandOff(NamedTuple):
+  """State of the adaptive hand-off (:func:`handoff_update`): scalars and one window, a
+  pytree that lives in the train state (checkpointed with it)."""
+
+  ema: jax.Array  # float32 []: the smoothed teacher-student disagreement
+  past: jax.Array  # float32 [window]: the EMA after each of the last `window` steps, oldest first
+  seen: jax.Array  # int32 []: steps folded in
+  start: jax.Array  # int32 []: first step of the hand-off (-1: not started)
+
+
+def handoff_init(window: int = 10) -> HandOff:
+  """The state before the first step."""
+  if window < 1:
+    raise ValueError(f"the hand-off window must be >= 1, got {window}")
+  return HandOff(jnp.float32(0.0), jnp.zeros((window,), jnp.float32), jnp.int32(0),
+                 jnp.int32(-1))
+
+
+def handoff_update(h: HandOff, disagreement: jax.Array, decay: float = 0.9,
+                   tol: float = 0.05) -> HandOff:
+  r"""Folds one step's disagreement ``d_s`` (e.g. the mean ``|log pi_T - log pi_old|``
+  over the step's generated tokens) into the hand-off state: TIDE's trigger.
+
+  .. math:: e_s = \text{decay}\, e_{s-1} + (1 - \text{decay})\, d_s, \qquad e_0 = d_0
+
+  The hand-off starts after the first step ``s`` at which the EMA has stopped falling
+  over the window: ``e_s >= (1 - tol) e_{s-W}`` with ``W = len(h.past)`` (it fell by
+  less than ``tol`` of itself in ``W`` steps; not before ``W`` steps have been seen: an
+  EMA of a series that has gone flat still falls geometrically, so ``tol = 0`` waits for
+  noise to lift it); it starts at step ``s + 1`` and never stops.
+  """
+  d = jnp.asarray(disagreement, jnp.float32)
+  ema = jnp.where(h.seen == 0, d, decay * h.ema + (1.0 - decay) * d)
+  window = h.past.shape[0]
+  flat = (h.seen >= window) & (ema >= (1.0 - tol) * h.past[0])
+  start = jnp.where((h.start < 0) & flat, h.seen + 1, h.start)
+  past = jnp.concatenate([h.past[1:], ema[None]])
+  return HandOff(ema, past, h.seen + 1, start.astype(jnp.int32))
+
+
+def adaptive_weights(h: HandOff, step, anneal_steps: int = 80, kappa_init: float = 1.0,
+                     kappa_min: float = 0.1, rho_init: float = 1.0, rho_max: float = 2.0):
+  """``(kappa, rho)`` at ``step`` under the adaptive hand-off: the initial weights until
+  the hand-off starts (``h.start``), then the paper's linear anneal over
+  ``anneal_steps`` counted from that step."""
+  started = h.start >= 0
+  done = jnp.asarray(step, jnp.float32) - h.start.astype(jnp.float32)
+  p = jnp.where(started, jnp.clip(done / max(anneal_steps, 1), 0.0, 1.0), 0.0)
+  if anneal_steps == 0:
+    p = jnp.where(started, 1.0, 0.0)
+  return (kappa_init + (kappa_min - kappa_init) * p, rho_init + (rho_max - rho_init) * p)

@@ -67,6 +67,8 @@ def _validate_numbers(config) -> None:
   splits = config.eval.report_splits
   _need(isinstance(splits, (tuple, list)) and all(isinstance(x, str) and x for x in splits),
         "eval.report_splits", f"must be a list of split names, got {splits!r}")
+  _need(isinstance(config.eval.get("kl", True), bool), "eval.kl",
+        f"must be True or False, got {config.eval.get('kl')!r}")
   _need(config.eval.select_split not in splits, "eval.select_split",
         f"{config.eval.select_split!r} is also a report split: choose on another")
   if "invalid_penalty" in config.env:

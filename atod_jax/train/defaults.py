@@ -49,10 +49,12 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
                  max_grad_norm=1.0,  # 0: no clipping
                  minibatches=4, epochs=1,
                  microbatches=1)  # gradient accumulation; also the teacher's scoring chunks
-  c.train = dict(steps=100, eval_every=10, checkpoint_every=10, keep_checkpoints=3)
+  c.train = dict(steps=100, eval_every=10, checkpoint_every=10, keep_checkpoints=3,
+                 resume="")  # "": resume only the workdir's own run; "force": any (resume.py)
   c.eval = dict(episodes=256, temperature=0.4, greedy=True, seed=1234,
                 select_split="",  # where student_best is chosen ("": on the report split)
-                report_splits=())  # reported splits ((): the env's evaluation split)
+                report_splits=(),  # reported splits ((): the env's evaluation split)
+                kl=True)  # the exact KL(student || teacher) on the evaluation episodes
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: every device left (data, or else fsdp)
   # several processes (hosts) in one run (atod_jax.train.distributed): empty / 0 / -1 are
   # read from the environment (JAX_COORDINATOR_ADDRESS, a TPU slice, SLURM, Open MPI)

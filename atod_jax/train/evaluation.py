@@ -33,11 +33,19 @@ def selection_key(eval_config) -> str:
   return "select/success" if eval_config.get("select_split") else "eval/success"
 
 
-def evaluate(eval_config, graphdef, params, source) -> dict[str, float]:
-  """Every metric of the protocol above for one model on ``source``."""
+def evaluate(eval_config, graphdef, params, source, teacher: tuple | None = None
+             ) -> dict[str, float]:
+  """Every metric of the protocol above for one model on ``source``; with ``teacher``
+  (``(graphdef, params)``) and ``eval.kl``, also the exact KL between the model and the
+  teacher over the whole vocabulary at every token the model generated in these
+  episodes (``kl_reverse`` = KL(student || teacher), ``kl_forward``, per turn
+  ``kl_reverse_turn<k>``: :func:`~atod_jax.train.steps.kl_metrics`), the measure of
+  imitation that is not a training signal."""
   e = eval_config
+  teacher = teacher if e.get("kl", True) else None
   run = lambda split, temperature: source.evaluate(  # noqa: E731
-      graphdef, params, episodes=e.episodes, temperature=temperature, seed=e.seed, split=split)
+      graphdef, params, episodes=e.episodes, temperature=temperature, seed=e.seed, split=split,
+      **({} if teacher is None else {"teacher": teacher}))
   out = {}
   for i, split in enumerate(report_splits(e)):
     prefix = "eval" if i == 0 else f"eval@{split}"

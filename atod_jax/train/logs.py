@@ -53,6 +53,15 @@ class MetricsLog:
     for k, v in metrics.items():
       self._tb.add_scalar(k if "/" in k else f"{kind}/{k}", float(v), int(step))
 
+  def note(self, kind: str, step: int, **values):
+    """A record that is not a metric (e.g. ``"resume"``: the fields a forced resume let
+    differ), JSON as given; kept and dropped on resume like a train record."""
+    rec = {"step": int(step), "kind": kind, **values}
+    self.records.append(rec)
+    if self._file is not None:
+      self._file.write(json.dumps(rec) + "\n")
+      self._file.flush()
+
   def flush(self):
     if self._file is not None:
       self._file.flush()
@@ -70,11 +79,12 @@ class MetricsLog:
 
 def plot(log: MetricsLog, teacher: dict, path: str, title: str):
   """Learning curves: held-out success (student vs teacher; the selection split's too),
-  training success, the kappa / rho schedule, and mean turns."""
+  training success, the kappa / rho schedule, mean turns and the exact KL(student ||
+  teacher) on the evaluation episodes."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
   ax = axes[0]
   for key, style in (("eval/success", "-o"), ("greedy/success", "--s"),
                      ("select/success", ":^")):
@@ -101,6 +111,14 @@ def plot(log: MetricsLog, teacher: dict, path: str, title: str):
   x, y = log.series("eval", "eval/turns")
   ax.plot(x, y, "-o", label="held-out")
   ax.set(xlabel="step", title="mean turns per episode")
+  ax.legend(fontsize=7)
+  ax = axes[3]
+  for key, label in (("eval/kl_reverse", "KL(student || teacher)"),
+                     ("eval/kl_forward", "KL(teacher || student)")):
+    x, y = log.series("eval", key)
+    if x:
+      ax.plot(x, y, "-o", label=label)
+  ax.set(xlabel="step", title="held-out KL, nats per token")
   ax.legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()

@@ -96,7 +96,10 @@ def objective_defaults() -> dict:
   return dict(
       estimator="grpo",  # group advantages: objectives.ESTIMATORS
       tdur_mode="soft_or",  # T-DUR turn weights: objectives.MODES
-      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape and length
+      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape (objectives.SHAPES or
+      # "adaptive": the anneal starts when the smoothed disagreement stops falling) and length
+      # adaptive: window W, EMA decay (TIDE's) and the fall over W that counts as flat
+      handoff_window=10, handoff_decay=0.9, handoff_tol=0.05,
       kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
       clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
       aggregation="seq_mean_token_mean",  # objectives.AGGREGATIONS
@@ -104,6 +107,7 @@ def objective_defaults() -> dict:
       gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
       gigpo_norm="mean",  # GiGPO step groups: mean (verl-agent's mean_norm) | std
       opd_signal="sampled",  # the distillation term: sampled | full_vocab (GKD's divergence)
+      opd_clip=0.0,  # sampled signal clamped to [-c, c] (0: off, the paper's form)
       divergence_beta=0.5,  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
       behaviour_logp="sampler")  # pi_old: the sampler's log-probs | recompute (a training
       # forward before the update, as verl does; see experiments/behaviour_gap.py)
@@ -117,12 +121,18 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
   o = config.objective
   choice(config, "objective.estimator", obj.ESTIMATORS)
   choice(config, "objective.tdur_mode", obj.MODES)
-  choice(config, "objective.schedule", obj.SHAPES)
+  choice(config, "objective.schedule", obj.SHAPES + ("adaptive",))
+  if o.schedule == "adaptive":
+    need(isinstance(o.handoff_window, int) and o.handoff_window >= 1,
+         "objective.handoff_window", f"must be a whole number >= 1, got {o.handoff_window!r}")
+    for f in ("handoff_decay", "handoff_tol"):
+      need(isinstance(o[f], (int, float)) and 0.0 <= o[f] < 1.0, f"objective.{f}",
+           f"must be in [0, 1), got {o[f]!r}")
   choice(config, "objective.aggregation", obj.AGGREGATIONS)
   number(config, "objective.clip_eps")
   # kappa and rho weigh the two terms: a negative one flips the sign of its term
   for f in ("anneal_steps", "kappa_init", "kappa_min", "rho_init", "rho_max", "clip_eps_high",
-            "dual_clip"):
+            "dual_clip", "opd_clip"):
     number(config, f"objective.{f}", strict=False)
   if o.dual_clip:
     number(config, "objective.dual_clip", low=1.0)
@@ -152,6 +162,7 @@ class AdvantageSpec(NamedTuple):
   rl: str = "episode"  # RL_ADVANTAGES
   gigpo: tuple[float, float, str] = (0.95, 1.0, "mean")  # gamma, step weight, norm
   signal: str = "sampled"  # OPD_SIGNALS
+  opd_clip: float = 0.0  # the sampled signal clamped to [-c, c]; 0: off
 
 
 def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
@@ -166,14 +177,16 @@ def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: Adva
   whole row."""
   mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
   teacher_logp = flat(teacher_logp)
-  dlogp = obj.opd_signal(teacher_logp, behaviour, mask)
+  raw = obj.opd_signal(teacher_logp, behaviour, mask)
+  dlogp = obj.opd_signal(teacher_logp, behaviour, mask, clip=spec.opd_clip or None)
   weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
                              mode=spec.tdur_mode, max_turns=spec.max_turns)
   a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
                                 valid=traj.row_valid)
   tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
-  metrics = {"kappa": kappa, "rho": rho, "opd_signal": tok(dlogp), "turn_weight": tok(weights),
-             "disagreement": tok(jnp.abs(dlogp)), "uncertainty": tok(-behaviour),
+  metrics = {"kappa": kappa, "rho": rho, "opd_signal": tok(raw), "turn_weight": tok(weights),
+             "disagreement": tok(jnp.abs(raw)), "uncertainty": tok(-behaviour),
+             "opd_clipped": tok((dlogp != raw).astype(jnp.float32)),
              "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
   rl = a_traj
   if spec.rl == "gigpo":
@@ -192,16 +205,50 @@ def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: Adva
 
 
 jit_advantages = Together(jax.jit(advantages, static_argnums=(4,)))
+jit_handoff_update = Together(jax.jit(obj.handoff_update, static_argnums=(2, 3)))
 
 
 def schedules(config: ml_collections.ConfigDict, method: Method) -> AnnealingSchedules:
-  """kappa(s) and rho(s) of ``method`` under ``config.objective``."""
+  """kappa(s) and rho(s) of ``method`` under ``config.objective`` (the adaptive hand-off:
+  the linear ones, counted from the step it starts: :class:`Update`)."""
   if method.weights is not None:
     kappa, rho = method.weights
     return annealing_schedules(0, kappa, kappa, rho, rho, "constant")
   o = config.objective
+  shape = "linear" if o.schedule == "adaptive" else o.schedule
   return annealing_schedules(o.anneal_steps, o.kappa_init, o.kappa_min, o.rho_init, o.rho_max,
-                             o.schedule)
+                             shape)
+
+
+class AdaptiveHandOff(NamedTuple):
+  """The adaptive schedule's settings (static): the trigger's window and EMA decay, the
+  anneal that follows it."""
+
+  window: int
+  decay: float
+  tol: float
+  anneal_steps: int
+  weights: tuple[float, float, float, float]  # kappa_init, kappa_min, rho_init, rho_max
+
+
+def adaptive_handoff(config: ml_collections.ConfigDict, method: Method
+                     ) -> AdaptiveHandOff | None:
+  """The hand-off of ``method`` when ``objective.schedule = "adaptive"`` (None: the
+  schedule is a function of the step alone)."""
+  o = config.objective
+  if method.update != "policy" or method.weights is not None or o.schedule != "adaptive":
+    return None
+  return AdaptiveHandOff(int(o.handoff_window), float(o.handoff_decay), float(o.handoff_tol),
+                         int(o.anneal_steps),
+                         (o.kappa_init, o.kappa_min, o.rho_init, o.rho_max))
+
+
+def initial_handoff(config: ml_collections.ConfigDict, method: str | Method | None = None):
+  """The train state's ``handoff`` at step 0: :func:`~atod_jax.objectives.handoff_init`
+  for the adaptive schedule, else ``()``."""
+  m = METHODS[method or config.method] if not isinstance(method, Method) else method
+  spec = adaptive_handoff(config, m)
+  return () if spec is None else obj.handoff_init(spec.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +267,7 @@ class Update:
   score_chunks: int = 1
   distill: steps.Distill | None = None  # the full-vocabulary term
   recompute: bool = False  # pi_old from a training forward, not the sampler
+  handoff: AdaptiveHandOff | None = None  # kappa / rho from the state's hand-off
   rows: Any = None  # steps.rows_sharding of the run's mesh (None: one device)
 
   @property
@@ -241,7 +289,15 @@ class Update:
     return chunks, self.walk._replace(microbatches=micro, rows=self.rows)
 
   def init(self, params) -> steps.TrainState:
-    return steps.init_state(params, self.tx)
+    h = () if self.handoff is None else obj.handoff_init(self.handoff.window)
+    return steps.init_state(params, self.tx, h)
+
+  def weights(self, state: steps.TrainState):
+    """``(kappa, rho)`` for the update of ``state``."""
+    if self.handoff is None:
+      return self.sched.kappa(state.step), self.sched.rho(state.step)
+    return obj.adaptive_weights(state.handoff, state.step, self.handoff.anneal_steps,
+                                *self.handoff.weights)
 
   @property
   def scores_tokens(self) -> bool:
@@ -273,13 +329,19 @@ class Update:
       teacher_logp = batch.behaviour_logp
     jax.block_until_ready((teacher_logp, batch.behaviour_logp))
     t1 = time.perf_counter()
-    kappa, rho = self.sched.kappa(state.step), self.sched.rho(state.step)
+    kappa, rho = self.weights(state)
     adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
+    handoff = state.handoff
+    if self.handoff is not None:  # this step's disagreement folded in (TIDE's trigger)
+      handoff = jit_handoff_update(handoff, metrics["disagreement"], self.handoff.decay,
+                                   self.handoff.tol)
+      metrics = {**metrics, "handoff_ema": handoff.ema, "handoff_start": handoff.start}
     t_graph, t_params = teacher if self.distill is not None else (None, None)
     state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
                                          self.loss, walk, self.distill, t_graph, t_params,
                                          weights)
     jax.block_until_ready(upd)
+    state = state._replace(handoff=handoff)
     return state, {**metrics, **upd, "seconds/score": t1 - t0,
                    "seconds/update": time.perf_counter() - t1}
 
@@ -299,7 +361,8 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
     signal = m.signal or o.opd_signal
     advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns,
                               m.rl or o.rl_advantage,
-                              (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm), signal)
+                              (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm), signal,
+                              float(o.opd_clip))
     if signal == "full_vocab" and m.uses_teacher:
       distill = steps.Distill(float(o.divergence_beta))
   return Update(
@@ -310,6 +373,6 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
       walk=steps.Batches(optim.minibatches, optim.epochs, micro),
       score_chunks=optim.minibatches * micro, distill=distill,
       recompute=m.update == "policy" and o.behaviour_logp == "recompute",
-      rows=steps.rows_sharding(mesh))
+      rows=steps.rows_sharding(mesh), handoff=adaptive_handoff(config, m))
 
 

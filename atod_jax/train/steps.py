@@ -19,7 +19,7 @@ from atod_jax import objectives as obj
 from atod_jax.models.sharding import Together
 from atod_jax.rollout.trajectory import Trajectory, flat, model_rows, trained_mask
 from atod_jax.objectives.distill import map_sequence_chunks
-from atod_jax.sampling.logprobs import logprobs_from_hidden, token_logprobs
+from atod_jax.sampling.logprobs import chunk_positions, logprobs_from_hidden, token_logprobs
 
 
 class PolicyLoss(NamedTuple):
@@ -93,6 +93,25 @@ class TrainState(NamedTuple):
   params: Any  # nnx.State of the student
   opt_state: Any  # optax state
   step: jax.Array  # int32 scalar: updates done
+  # the adaptive hand-off's state (objectives.HandOff; () without one: no leaves)
+  handoff: Any = ()
+
+
+class _Saved(NamedTuple):
+  """A :class:`TrainState` without a hand-off as its checkpoint holds it (the layout of
+  every checkpoint written before the hand-off existed, which still restore)."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def checkpoint_item(state: TrainState):
+  """What an orbax checkpoint of ``state`` holds (:func:`from_checkpoint` reads it)."""
+  return state if jax.tree.leaves(state.handoff) else _Saved(*state[:3])
+
+
+def from_checkpoint(item) -> TrainState:
+  return TrainState(*item) if len(item) == 4 else TrainState(*item, ())
 
 
 def aligned_chunks(rows: int, target: int, shards: int = 1) -> int:
@@ -133,8 +152,8 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   return opt
 
 
-def init_state(params, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(params, tx.init(params), jnp.int32(0))
+def init_state(params, tx: optax.GradientTransformation, handoff: Any = ()) -> TrainState:
+  return TrainState(params, tx.init(params), jnp.int32(0), handoff)
 
 
 def _logprobs(model, traj: Trajectory, temperature: float = 1.0) -> jax.Array:
@@ -234,7 +253,8 @@ def _minibatch_update(loss_fn, tx, state: TrainState, batch, key, walk: Batches,
     return (params, opt_state), metrics
 
   (params, opt_state), metrics = jax.lax.scan(one, (state.params, state.opt_state), order)
-  return TrainState(params, opt_state, state.step + 1), jax.tree.map(jnp.mean, metrics)
+  return (state._replace(params=params, opt_state=opt_state, step=state.step + 1),
+          jax.tree.map(jnp.mean, metrics))
 
 
 def _logprobs_and_divergence(model, teacher, tokens, valid, temperature: float,
@@ -259,6 +279,76 @@ def _logprobs_and_divergence(model, teacher, tokens, valid, temperature: float,
   div = map_sequence_chunks(chunk, hidden[:, :-1], t_hidden[:, :-1],
                             chunk_size=distill.chunk_size)
   return logp, jnp.pad(div, ((0, 0), (1, 0)))
+
+
+def kl_tokens(graphdef, params, teacher_graph, teacher_params, traj: Trajectory,
+              chunk_size: int = 512) -> tuple[jax.Array, jax.Array]:
+  """The exact per-token divergences between the student (``graphdef``, ``params``) and
+  the teacher at every generated token of ``traj``: ``KL(pi_S || pi_T)`` (reverse, what
+  on-policy distillation minimises) and ``KL(pi_T || pi_S)`` (forward), each over the
+  whole vocabulary of the next-token distributions at temperature 1, at the states the
+  episodes visited. Both ``traj.tokens``' shape, float32, 0 off the generated tokens.
+  At most ``chunk_size`` positions of both models' logits exist at a time."""
+  student, teacher = nnx.merge(graphdef, params), nnx.merge(teacher_graph, teacher_params)
+  tokens, valid = model_rows(traj.tokens), model_rows(traj.valid)
+  hidden = student.hidden_states(tokens, None, valid)[0]
+  t_hidden = teacher.hidden_states(tokens, None, valid)[0]
+  unembed = student.unembed_matrix(hidden.dtype)
+  t_unembed = teacher.unembed_matrix(t_hidden.dtype)
+  if unembed.shape[1] != t_unembed.shape[1]:
+    raise ValueError(f"the KL needs one vocabulary: the student has {unembed.shape[1]} "
+                     f"tokens, the teacher {t_unembed.shape[1]}")
+
+  def chunk(h, g):  # [N, C, H] each -> [N, C, 2]
+    s_logits, t_logits = (h @ unembed).astype(jnp.float32), (g @ t_unembed).astype(jnp.float32)
+    one = lambda kind: obj.vocab_divergence(s_logits, t_logits, jnp.ones(h.shape[:2]),  # noqa: E731
+                                            kind, chunk_size=None)
+    return jnp.stack([one("reverse_kl"), one("forward_kl")], axis=-1)
+
+  size = chunk_positions(hidden.shape[0], unembed.shape[1], chunk_size)
+  both = map_sequence_chunks(chunk, hidden[:, :-1], t_hidden[:, :-1], chunk_size=size)
+  both = jnp.pad(both, ((0, 0), (1, 0), (0, 0))).reshape(traj.tokens.shape + (2,))
+  both = jnp.where(traj.gen_mask[..., None], both, 0.0)
+  return both[..., 0], both[..., 1]
+
+
+def turn_kl_sums(graphdef, params, teacher_graph, teacher_params, traj: Trajectory,
+                 max_turns: int) -> dict[str, jax.Array]:
+  """:func:`kl_tokens` reduced per turn: for each turn index ``k < max_turns``, the sum
+  over the batch's valid episodes of that turn's token-mean reverse / forward KL
+  (``reverse`` / ``forward``, ``[max_turns]``) and how many episodes generated tokens in
+  that turn (``turns``): sums that add up over evaluation batches and processes."""
+  reverse, forward = kl_tokens(graphdef, params, teacher_graph, teacher_params, traj)
+  mask = trained_mask(traj)
+  turn = jnp.where(mask, flat(traj.turn_ids), -1)
+  onehot = (turn[..., None] == jnp.arange(max_turns)).astype(jnp.float32)  # [B, L, K]
+  count = jnp.sum(onehot, axis=1)  # tokens of each (episode, turn)
+  has = count > 0
+
+  def per_turn(x):  # [B, L] -> [K]: sum over episodes of the turn's token mean
+    sums = jnp.einsum("bl,blk->bk", flat(x), onehot)
+    return jnp.sum(jnp.where(has, sums / jnp.maximum(count, 1.0), 0.0), axis=0)
+  return {"reverse": per_turn(reverse), "forward": per_turn(forward),
+          "turns": jnp.sum(has, axis=0).astype(jnp.float32)}
+
+
+def add_sums(total: dict | None, part: dict) -> dict:
+  """``total + part`` item by item, on the host (``total=None``: ``part``)."""
+  part = {k: np.asarray(v, np.float64) for k, v in jax.device_get(part).items()}
+  return part if total is None else {k: total[k] + part[k] for k in total}
+
+
+def kl_metrics(sums: dict) -> dict[str, float]:
+  """Evaluation metrics from :func:`turn_kl_sums` added over batches: ``kl_reverse`` and
+  ``kl_forward``, the mean over every (episode, turn) of the turn's token-mean KL, and
+  ``kl_reverse_turn<k>``, the mean over the episodes that reached turn ``k``."""
+  turns = np.asarray(sums["turns"], np.float64)
+  n = max(float(turns.sum()), 1.0)
+  out = {"kl_reverse": float(np.sum(sums["reverse"])) / n,
+         "kl_forward": float(np.sum(sums["forward"])) / n}
+  for k in np.flatnonzero(turns):
+    out[f"kl_reverse_turn{k}"] = float(sums["reverse"][k] / turns[k])
+  return out
 
 
 def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
@@ -334,3 +424,4 @@ jit_policy_update = Together(jax.jit(policy_update, static_argnums=(0, 1, 6, 7, 
 jit_sft_update = Together(jax.jit(sft_update, static_argnums=(0, 1, 5), donate_argnums=(2,)))
 jit_score = Together(jax.jit(score, static_argnums=(0,),
                              static_argnames=("temperature", "chunks", "rows")))
+jit_turn_kl_sums = Together(jax.jit(turn_kl_sums, static_argnums=(0, 2, 5)))

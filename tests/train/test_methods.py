@@ -157,3 +157,59 @@ def _with(config, mode):
   c = config.copy_and_resolve_references()
   c.objective.behaviour_logp = mode
   return c
+
+
+def test_evaluation_kl_per_turn_against_numpy():
+  """The evaluation's imitation measure: KL(student || teacher) and KL(teacher || student)
+  over the whole vocabulary at each generated token (numpy, from the two models' logits),
+  token-averaged within each turn, then averaged over the (episode, turn) pairs and, per
+  turn index, over the episodes that reached it; prompt and observation tokens and an
+  invalid row count nowhere; chunks of positions give the same numbers."""
+  cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=16, intermediate_size=48, dtype="float32")
+  graphdef, params = nnx.split(DecoderLM(cfg, nnx.Rngs(0)))
+  t_graph, t_params = nnx.split(DecoderLM(cfg, nnx.Rngs(1)))
+  rng = np.random.default_rng(2)
+  b, length = 4, 14
+  tokens = jnp.asarray(rng.integers(0, 40, (b, length)), jnp.int32)
+  # turn ids: prompt 0-2, turn 0 at 3-5, observation 6, turn 1 at 7-9, turn 2 at 11-12;
+  # row 2 stops after turn 0 and row 3 is an invalid row (lost episode)
+  turn = np.full((b, length), -1)
+  turn[:, 3:6], turn[:, 7:10], turn[:, 11:13] = 0, 1, 2
+  turn[2, 7:] = -1
+  gen = turn >= 0
+  from atod_jax.rollout.trajectory import Trajectory
+  traj = Trajectory(tokens, jnp.ones(tokens.shape, bool), jnp.asarray(gen),
+                    jnp.asarray(turn, jnp.int32), jnp.zeros(tokens.shape), jnp.zeros(b),
+                    jnp.zeros(b, bool), jnp.ones(b, jnp.int32), jnp.zeros(b, jnp.int32),
+                    jnp.arange(b), jnp.asarray([True, True, True, False]),
+                    jnp.zeros((b, 3)), jnp.zeros((b, 3), jnp.int32))
+  s_logits = np.asarray(nnx.merge(graphdef, params)(tokens)[0])
+  t_logits = np.asarray(nnx.merge(t_graph, t_params)(tokens)[0])
+  # the token at t is predicted from position t - 1
+  mask = np.zeros((b, length), bool)
+  mask[:, 1:] = gen[:, 1:]
+  rev = np.zeros((b, length))
+  fwd = np.zeros((b, length))
+  rev[:, 1:] = ref.vocab_divergence(s_logits[:, :-1], t_logits[:, :-1], mask[:, 1:], "reverse_kl")
+  fwd[:, 1:] = ref.vocab_divergence(s_logits[:, :-1], t_logits[:, :-1], mask[:, 1:], "forward_kl")
+  for chunk in (512, 4):
+    got_rev, got_fwd = steps.kl_tokens(graphdef, params, t_graph, t_params, traj, chunk_size=chunk)
+    np.testing.assert_allclose(np.asarray(got_rev), rev, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_fwd), fwd, rtol=1e-4, atol=1e-6)
+  assert np.all(rev >= 0) and not np.allclose(rev[gen], fwd[gen], rtol=1e-2)
+
+  metrics = steps.kl_metrics(steps.add_sums(None, steps.jit_turn_kl_sums(
+      graphdef, params, t_graph, t_params, traj, 4)))
+  means = {(i, k): (rev[i][turn[i] == k].mean(), fwd[i][turn[i] == k].mean())
+           for i in range(3) for k in range(3) if np.any(turn[i] == k)}  # rows 0-2 count
+  assert len(means) == 7
+  np.testing.assert_allclose(metrics["kl_reverse"], np.mean([m[0] for m in means.values()]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics["kl_forward"], np.mean([m[1] for m in means.values()]),
+                             rtol=1e-5)
+  for k in range(3):
+    np.testing.assert_allclose(metrics[f"kl_reverse_turn{k}"],
+                               np.mean([m[0] for (i, kk), m in means.items() if kk == k]),
+                               rtol=1e-5)
+  assert "kl_reverse_turn3" not in metrics  # no episode reached turn 3

@@ -13,6 +13,7 @@ from atod_jax.models.sharding import Together, shard_batch
 from atod_jax.rollout.device import DeviceRollout, rollout
 from atod_jax.rollout.trajectory import Trajectory, summarize
 from atod_jax.sampling.generate import SamplingParams
+from atod_jax.train import steps
 from atod_jax.train.streams import Stream, key as stream_key
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "heldout"
@@ -66,21 +67,28 @@ class DeviceSource:
         None, keys, k_expert, groups)
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
-               split: str | None = None, batch: int = 256) -> dict[str, float]:
+               split: str | None = None, batch: int = 256,
+               teacher: tuple | None = None) -> dict[str, float]:
     """Episodes of ``split`` (default ``"heldout"``: goal combinations never trained on;
     ``"train"``: new tasks of the training goals, a validation set) in batches of
     ``batch``: the tasks from ``(seed, EVAL_TASKS)``, batch ``b``'s sampling from
-    ``(seed, EVAL_POLICY, b)``."""
+    ``(seed, EVAL_POLICY, b)``. With ``teacher`` (``(graphdef, params)``), also the
+    exact KL between the two models on these episodes (:func:`~atod_jax.train.steps.kl_metrics`)."""
     fn = rollout_fn(graphdef, self.spec, split or EVAL_SPLIT,
                     SamplingParams(temperature=temperature), 0.0, self.penalty)
     keys, groups = task_keys(stream_key(seed, Stream.EVAL_TASKS), episodes, 1)
     sums: dict[str, float] = {}
+    kl = None
     for start in range(0, episodes, batch):
       sl = slice(start, start + batch)
       traj = fn(params, keys[sl], stream_key(seed, Stream.EVAL_POLICY, start), groups[sl])
       for k, v in jax.device_get(summarize(traj)).items():
         sums[k] = sums.get(k, 0.0) + float(v) * len(keys[sl])
-    return {k: v / episodes for k, v in sums.items()}
+      if teacher is not None:
+        kl = steps.add_sums(kl, steps.jit_turn_kl_sums(graphdef, params, *teacher, traj,
+                                                       self.max_turns))
+    out = {k: v / episodes for k, v in sums.items()}
+    return out if kl is None else {**out, **steps.kl_metrics(kl)}
 
   def close(self):
     pass

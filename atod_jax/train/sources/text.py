@@ -19,6 +19,7 @@ from atod_jax.models.tokenizer import Tokenizer, train_text_tokenizer
 from atod_jax.rollout.host import TextCodec, TextRollout, episode_text, host_rollout
 from atod_jax.rollout.trajectory import Trajectory, summarize
 from atod_jax.sampling.generate import SamplingParams
+from atod_jax.train import steps
 from atod_jax.train.streams import Stream, key as stream_key, numpy_rng
 
 
@@ -94,13 +95,15 @@ class TextSource:
     distributed.sync("tokenizer trained")
     return tok if distributed.is_main() else Tokenizer.from_pretrained(path)
 
+  def _placed(self, params):
+    """``params`` on the mesh (a no-op where they already are), so they meet the
+    mesh-sharded episodes; teachers and clones come from anywhere."""
+    return params if self.mesh is None else place(params, state_shardings(params, self.mesh))
+
   def _model(self, graphdef, params):
-    """The model with its parameters on the mesh (a no-op where they already are), so
-    they meet the mesh-sharded episodes; teachers and clones come from anywhere."""
+    """The model with its parameters on the mesh (:meth:`_placed`)."""
     from flax import nnx
-    if self.mesh is not None:
-      params = place(params, state_shardings(params, self.mesh))
-    return nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, self._placed(params))
 
   def _ids(self, key, count: int) -> list[int]:
     return numpy_rng(key).choice(self.num_train, count, replace=count > self.num_train).tolist()
@@ -140,13 +143,17 @@ class TextSource:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
   def evaluate(self, graphdef, params, *, episodes: int, temperature: float, seed: int,
-               split: str | None = None):
+               split: str | None = None, teacher: tuple | None = None):
     """The first ``episodes`` tasks of ``split`` (default ``env.eval_split``; all of them
     if fewer), in batches of ``env.eval_batch`` (the episodes of one host rollout); adds
     ``success/<type>`` where the env has task types and ``format_error_rate``, the share
     of turns whose answer held no command (``invalid_rate`` also counts commands the
-    environment does not admit)."""
+    environment does not admit); with ``teacher`` (``(graphdef, params)``), the exact KL
+    between the two models on these episodes (:func:`~atod_jax.train.steps.kl_metrics`)."""
     model = self._model(graphdef, params)
+    if teacher is not None:  # both on the mesh, where the episodes are
+      teacher = (teacher[0], self._placed(teacher[1]))
+      params = self._placed(params)
     split = split or self.config.env.eval_split
     n = min(episodes, self.num_eval if split == self.config.env.eval_split
             else self.pool.num_tasks(split))
@@ -154,6 +161,7 @@ class TextSource:
     sums: dict[str, float] = {}
     by_type: dict[str, list[bool]] = {}
     format_errors = turns = 0
+    kl = None
     for start in range(0, n, batch):
       ids = list(range(start, min(n, start + batch)))
       traj, infos = host_rollout(model, self.codec, self.pool, split, ids,
@@ -163,6 +171,9 @@ class TextSource:
                                  pad_to=self._shards())
       for k, v in jax.device_get(summarize(traj)).items():
         sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
+      if teacher is not None:
+        kl = steps.add_sums(kl, steps.jit_turn_kl_sums(graphdef, params, *teacher, traj,
+                                                       self.max_turns))
       # every process's episodes (each played its own rows)
       rows = all_processes([[i.get("task_type"), i["won"], i["turns"], i["format_errors"]]
                             for i in infos if not i.get("padding")])
@@ -175,7 +186,7 @@ class TextSource:
     # answers with no command in them (invalid_rate also counts inadmissible commands)
     out["format_error_rate"] = format_errors / max(turns, 1)
     out.update({f"success/{t}": float(np.mean(w)) for t, w in sorted(by_type.items())})
-    return out
+    return out if kl is None else {**out, **steps.kl_metrics(kl)}
 
   def close(self):
     self.pool.close()
