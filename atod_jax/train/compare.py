@@ -69,18 +69,21 @@ def run_methods(base, workdir: str, methods: Sequence[str], seeds: Sequence[int]
   """Trains (or reuses the finished run of) every method x seed in
   ``<workdir>/<method>/seed_<s>``; returns the runs' summaries per method, in seed order.
   A built teacher is shared through ``<workdir>/teacher``."""
+  from atod_jax.train import resume
   from atod_jax.train.loop import train
   results: dict[str, list[dict]] = {m: [] for m in methods}
   for method in methods:
     for seed in seeds:
       run_dir = os.path.join(workdir, method, f"seed_{seed}")
       summary_file = os.path.join(run_dir, "summary.json")
+      config = base.copy_and_resolve_references()
+      config.unlock()
+      config.method, config.seed = method, seed
+      if config.teacher.source == "build" and not config.teacher.cache_dir:
+        config.teacher.cache_dir = os.path.join(workdir, "teacher")
+      # a finished or stopped run is reused or resumed only if it is this run
+      resume.check(run_dir, config, what=run_dir)
       if not os.path.exists(summary_file):
-        config = base.copy_and_resolve_references()
-        config.unlock()
-        config.method, config.seed = method, seed
-        if config.teacher.source == "build" and not config.teacher.cache_dir:
-          config.teacher.cache_dir = os.path.join(workdir, "teacher")
         say(f"== {method}, seed {seed} -> {run_dir}")
         train(config, run_dir, quiet=True)
         # each run compiles its own functions; XLA:CPU maps every compiled program's code

@@ -37,10 +37,11 @@ from atod_jax.models.config import ModelConfig
 from atod_jax.models.sharding import host_values, leaf_shardings, make_mesh, place, shard_batch
 from atod_jax.rollout.trajectory import pack, summarize, trim
 from atod_jax.sampling.generate import SamplingParams
-from atod_jax.train import checks, distributed, evaluation, logs, methods
+from atod_jax.train import checks, distributed, evaluation, logs, methods, resume
 from atod_jax.train.config import validate
 from atod_jax.train.sources import TaskSource, make_source
-from atod_jax.train.steps import TrainState, init_state, make_optimizer
+from atod_jax.train.steps import (TrainState, checkpoint_item, from_checkpoint, init_state,
+                                  make_optimizer)
 from atod_jax.train.streams import Stream, key
 from atod_jax.train.teacher import behaviour_clone, get_teacher
 
@@ -65,6 +66,7 @@ class Run:
   model_cfg: ModelConfig | None = None
   update: methods.Update | None = None
   demos: Any = None  # the sft method's expert episodes
+  forced: tuple = ()  # fields a forced resume let differ from the run's config.json
 
 
 class _Interrupt:
@@ -103,9 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
   say = (lambda *a: None) if quiet else functools.partial(print, flush=True)  # noqa: E731
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  if distributed.is_main():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  forced = resume.check(workdir, config)  # the workdir's run, or a fresh one: nothing mixed
   m = config.mesh
   mesh = make_mesh(m.data, m.fsdp, m.tensor)
   source = make_source(config, workdir, mesh, say)
@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = Fals
     # traced under the mesh: the models place their activations' rows on it
     # (models.sharding.constrain_batch); arrays made outside jit stay where they were
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return _train(Run(config, workdir, mesh, source, say), quiet)
+      return _train(Run(config, workdir, mesh, source, say, forced=tuple(forced)), quiet)
   finally:
     source.close()
 
@@ -135,8 +135,17 @@ def _train(run: Run, quiet: bool) -> dict:
     run.demos = pack(run.source.expert_demos(key(config.seed, Stream.SFT_DEMOS),
                                              4 * _rows(config), config.student.sft.expert_noise))
   log = logs.MetricsLog(run.workdir, resumed, write=distributed.is_main())
+  if distributed.is_main() and (resumed is None or not run.forced):
+    # the config the run was started with (a forced resume keeps the first one)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  if resumed is not None and run.forced:
+    run.say(f"warning: resuming at step {resumed} with other settings (train.resume=force): "
+            + ", ".join(run.forced))
+    log.note("resume", resumed, forced=list(run.forced))
   if resumed is None:
-    log.write("eval", 0, evaluation.evaluate(config.eval, run.graphdef, state.params, run.source))
+    log.write("eval", 0, evaluation.evaluate(config.eval, run.graphdef, state.params, run.source,
+                                          run.teacher))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=True))
   try:
@@ -186,7 +195,8 @@ def _state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:
       tx, lambda x, sh, p: sh if x.shape == p.shape else replicated,
       state_shapes.opt_state, p_shard, state_shapes.params,
       transform_non_params=lambda _: replicated)
-  return TrainState(p_shard, o_shard, replicated)
+  return TrainState(p_shard, o_shard, replicated,
+                    jax.tree.map(lambda _: replicated, state_shapes.handoff))
 
 
 def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None]:
@@ -201,7 +211,8 @@ def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None
   else:
     run.model_cfg = ModelConfig(**s.model)
   run.graphdef, shapes = model_io.abstract(run.model_cfg)
-  abstract = jax.eval_shape(lambda p: init_state(p, tx), shapes)
+  handoff = methods.initial_handoff(run.config)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx, handoff), shapes)
   shardings = _state_shardings(tx, abstract, run.mesh)
   target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         abstract, shardings)
@@ -209,7 +220,7 @@ def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None
   if restored is not None:
     return restored
   params = student_params(run)
-  return place(init_state(params, tx), shardings), None
+  return place(init_state(params, tx, handoff), shardings), None
 
 
 def _restore_newest(ckpt_dir: str, target, say) -> tuple[TrainState, int] | None:
@@ -220,9 +231,9 @@ def _restore_newest(ckpt_dir: str, target, say) -> tuple[TrainState, int] | None
   for step in found:
     try:
       with ocp.CheckpointManager(ckpt_dir) as manager:
-        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        state = manager.restore(step, args=ocp.args.StandardRestore(checkpoint_item(target)))
       say(f"resuming from the checkpoint at step {step} in {ckpt_dir}")
-      return TrainState(*state), step
+      return from_checkpoint(state), step
     except Exception as e:  # noqa: BLE001  (any damage: orbax raises many kinds)
       aside = os.path.join(os.path.dirname(ckpt_dir), "checkpoints_damaged", str(step))
       if os.path.exists(aside):
@@ -287,7 +298,8 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
 def evaluate_and_save(run: Run, state: TrainState, log: logs.MetricsLog, done: int) -> None:
   """The evaluation after step ``done``; the student is kept as ``student_best/`` when
   it is the best so far on the selection metric (:func:`evaluation.selection_key`)."""
-  result = evaluation.evaluate(run.config.eval, run.graphdef, state.params, run.source)
+  result = evaluation.evaluate(run.config.eval, run.graphdef, state.params, run.source,
+                               run.teacher)
   key_ = evaluation.selection_key(run.config.eval)
   best = max((r[key_] for r in log.records if r["kind"] == "eval"), default=-1.0)
   log.write("eval", done, result)
@@ -320,7 +332,7 @@ def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, b
         if done % t.checkpoint_every == 0 or done == steps or interrupted:
           if last_saved != done:
             distributed.sync(f"checkpoint {done}")  # orbax's barriers are collectives
-            manager.save(done, args=ocp.args.StandardSave(state))
+            manager.save(done, args=ocp.args.StandardSave(checkpoint_item(state)))
             last_saved = done
         bar.update(1)
         bar.set_postfix(success=f"{metrics['success']:.2f}",

@@ -13,7 +13,8 @@ import pytest
 
 from atod_jax.models import checkpoint as model_io
 from atod_jax.train import METHODS, ConfigError, validate
-from atod_jax.train.steps import Batches, PolicyLoss, init_state, jit_policy_update, make_optimizer
+from atod_jax.train.steps import (Batches, PolicyLoss, checkpoint_item, init_state,
+                                  jit_policy_update, make_optimizer)
 
 from tests.train import tiny_config
 
@@ -82,7 +83,9 @@ def _wait_for_train_records(proc, workdir, n, timeout=600, checkpoint=False):
 trainer_group = pytest.mark.xdist_group("trainer")
 
 
-@pytest.fixture(scope="module")
+# session-wide: a module-scoped fixture is torn down whenever the worker running the
+# group turns to another module's test, and was built twice a suite (5 min on 2 cores)
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
   """One uninterrupted run (it also builds the shared teacher)."""
   root = tmp_path_factory.mktemp("trainer")
@@ -118,18 +121,38 @@ def test_uninterrupted_run_writes_everything(reference):
   assert os.path.exists(os.path.join(teacher, "teacher_eval.json"))
 
 
+# the adaptive hand-off, made to start within the tiny run's 6 steps (a 2-step window,
+# flat when the EMA fell by less than half) and to anneal over the 2 steps after it
+ADAPTIVE = ("--config.objective.schedule=adaptive", "--config.objective.handoff_window=2",
+            "--config.objective.handoff_tol=0.5", "--config.objective.anneal_steps=2")
+
+
 @pytest.mark.long
 @trainer_group
-def test_kill_9_then_resume_is_bit_identical(reference):
+@pytest.mark.parametrize("schedule", ["linear", "adaptive"])
+def test_kill_9_then_resume_is_bit_identical(reference, schedule):
+  """Killed after 2-4 steps and resumed: the records and parameters of the uninterrupted
+  run, bit for bit; with the adaptive hand-off too, whose state (the EMA, its window, the
+  start step) is in the checkpoint: its kappa moves only after the trigger, which a
+  resumed run that lost the state would fire late or never."""
   root, teacher, ref, _ = reference
-  work = str(root / "killed")
-  proc = subprocess.Popen(_cmd(work, teacher), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  extra = () if schedule == "linear" else ADAPTIVE
+  if schedule == "adaptive":
+    ref = str(root / "adaptive_ref")
+    _run(ref, teacher, *extra)
+    train = [r for r in _records(ref) if r["kind"] == "train"]
+    kappa = [r["kappa"] for r in train]
+    start = int(train[-1]["handoff_start"])
+    assert 2 < start < 6, start  # after the window, inside the run
+    assert kappa[:start] == [1.0] * start and kappa[-1] < 1.0
+  work = str(root / f"killed_{schedule}")
+  proc = subprocess.Popen(_cmd(work, teacher, *extra), env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   _wait_for_train_records(proc, work, int(np.random.default_rng().integers(2, 5)),
                           checkpoint=True)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  out = _run(work, teacher)
+  out = _run(work, teacher, *extra)
   assert "resuming from the checkpoint" in out.stdout
   assert _records(work) == _records(ref)
   for a, b in zip(_student_params(work), _student_params(ref)):
@@ -321,7 +344,7 @@ def test_resuming_an_hf_student_builds_no_throwaway_parameters(tmp_path, monkeyp
   saved = init_state(params, tx)._replace(step=jax.numpy.int32(4))
   ckpt_dir = str(tmp_path / "checkpoints")
   with ocp.CheckpointManager(ckpt_dir) as manager:
-    manager.save(4, args=ocp.args.StandardSave(saved))
+    manager.save(4, args=ocp.args.StandardSave(checkpoint_item(saved)))  # as the loop saves
     manager.wait_until_finished()
 
   def forbidden(*a, **k):
@@ -641,3 +664,32 @@ def test_checkpoint_of_an_older_parameter_layout_fails_in_one_line(tmp_path):
     model_io.load("checkpoint", str(tmp_path))
   assert "\n" not in str(e.value)
   assert _fingerprint(tiny_config.get_config())["params_layout"] == PARAMS_LAYOUT
+
+
+@trainer_group
+def test_a_run_with_other_settings_does_not_resume_and_force_records_it(reference):
+  """The issue's case: a 6-step ATOD run, then the same workdir with GRPO: exit 2, one
+  line, nothing written; with train.resume=force it resumes, says so and records the
+  fields; the config.json kept is the run's first."""
+  import shutil
+  root, teacher, ref, _ = reference
+  work = str(root / "mixed")
+  shutil.copytree(ref, work)
+  before = _records(work)
+  proc = _run(work, teacher, "--config.method=grpo", "--config.train.steps=8", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.train.resume:") and "method" in last, last
+  assert _records(work) == before
+  proc = _run(work, teacher, "--config.method=grpo", "--config.train.steps=8",
+              "--config.train.resume=force")
+  assert "with other settings (train.resume=force): method" in proc.stdout
+  recs = _records(work)
+  notes = [r for r in recs if r["kind"] == "resume"]
+  assert notes == [{"step": 6, "kind": "resume", "forced": ["method"]}]
+  assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(8))
+  with open(os.path.join(work, "config.json")) as f:
+    assert json.load(f)["method"] == "atod"
+  # the same command again: the same (forced) run, still refused without force
+  proc = _run(work, teacher, "--config.method=grpo", "--config.train.steps=8", check=False)
+  assert proc.returncode == 2
