@@ -109,6 +109,14 @@ class HouseholdParams:
   # first observation's order until a goal object is seen): every move it makes is a
   # function of the episode so far, so a clone can imitate it
   expert: str = "privileged"
+  # task types the planner mishandles: it skips their treatment (puts the object away
+  # unwashed / cold / warm), which the reward does not accept; a teacher cloned from it is
+  # good on the other types and fails these, the imperfect teacher of the paper's regime
+  expert_skips: tuple[str, ...] = ()
+
+  @property
+  def skip_ids(self) -> tuple[int, ...]:
+    return tuple(TASK_TYPES.index(t) for t in self.expert_skips)
 
   def __post_init__(self):
     if not 5 <= self.num_receptacles <= R_MAX:
@@ -127,6 +135,10 @@ class HouseholdParams:
       raise ValueError("pick2 needs num_objects >= 2")
     if self.expert not in ("privileged", "searching"):
       raise ValueError(f"expert must be 'privileged' or 'searching', got {self.expert!r}")
+    bad = set(self.expert_skips) - ({"clean", "heat", "cool"} & set(self.task_types))
+    if bad:
+      raise ValueError(f"expert_skips must name treated task types of this family "
+                       f"(clean, heat, cool among {self.task_types}), got {sorted(bad)}")
 
   @classmethod
   def preset(cls, name: str) -> "HouseholdParams":
@@ -138,6 +150,10 @@ class HouseholdParams:
         # (19-23 with the searching planner, whose demonstrations a clone can imitate:
         # the privileged one's go straight to objects the agent has not seen)
         "long": cls(8, 6, ("clean", "heat", "cool"), 30, goal_count=3, expert="searching"),
+        # the paper's regime: an imperfect teacher the reward exposes (its planner never
+        # cools: a quarter of the tasks are beyond it), searched rooms of 8 receptacles
+        "regime": cls(8, 4, ("pick", "clean", "heat", "cool"), 30, expert="searching",
+                      expert_skips=("cool",)),
     }
     if name not in presets:
       raise ValueError(f"preset must be one of {tuple(presets)}, got {name!r}")
@@ -403,12 +419,15 @@ def admissible(params: HouseholdParams, state: State) -> tuple[jax.Array, jax.Ar
   return tokens, exists & ~invalid & ~state.done
 
 
-def expert_action(state: State, search: bool = False) -> jax.Array:
+def expert_action(state: State, search: bool = False, skips: tuple[int, ...] = ()) -> jax.Array:
   """A planner's next command. Privileged (``search=False``): a shortest plan to the
   goal, going straight to where the goal objects lie. Searching: the same plan over the
   goal objects the agent has seen; while it has seen none, the next receptacle in the
   first observation's order that it has not looked into (appliances and receptacles of
-  the goal's type skipped: nothing starts there), opened if closed."""
+  the goal's type skipped: nothing starts there), opened if closed. ``skips``: task type
+  ids whose treatment it leaves out (:attr:`HouseholdParams.expert_skips`): the object
+  goes to the goal receptacle as it is, and is taken out and put back until the turns
+  run out."""
   task, otype, rtype = state.goal[0], state.goal[1], state.goal[2]
   cand = (state.obj_type == otype) & ~_done_objects(state) & (state.obj_loc >= 0)
   if search:
@@ -420,6 +439,7 @@ def expert_action(state: State, search: bool = False) -> jax.Array:
   appliance_type = jnp.asarray(_APPLIANCE_OF)[task]
   treated = jnp.select([task == 1, task == 2, task == 3],
                        [state.obj_clean[h], state.obj_hot[h], state.obj_cool[h]], True)
+  treated |= jnp.isin(task, jnp.asarray(skips, jnp.int32)) if skips else False
   appliance = jnp.argmax(state.rec_type == appliance_type).astype(jnp.int32)
   goal_rec = jnp.argmax(state.rec_type == rtype).astype(jnp.int32)
   sink = jnp.argmax(state.rec_type == SINK).astype(jnp.int32)
@@ -635,7 +655,8 @@ class HouseholdEnv:
     pick = cands[jax.random.randint(k_pick, (), 0, cands.shape[0])]
     noisy = jax.random.uniform(k_flip) < noise
     command = jnp.where(noisy, action_tokens(state, pick[0], pick[1], pick[2]),
-                        expert_action(state, self.params.expert == "searching"))
+                        expert_action(state, self.params.expert == "searching",
+                                      self.params.skip_ids))
     return command.astype(jnp.int32), noisy
 
   def anchor(self, state):

@@ -39,7 +39,8 @@ class HouseholdTextEnv:
     self._step = jax.jit(jax.vmap(lambda st, a: hh.step(p, st, a)))
     self._observe = jax.jit(jax.vmap(lambda st, e: hh.observe(p, st, e)))
     self._task = jax.jit(jax.vmap(hh.task_tokens))
-    self._expert = jax.jit(jax.vmap(lambda st: hh.expert_action(st, p.expert == "searching")))
+    self._expert = jax.jit(jax.vmap(lambda st: hh.expert_action(st, p.expert == "searching",
+                                                               p.skip_ids)))
     self._admissible = jax.jit(jax.vmap(lambda st: hh.admissible(p, st)))
 
   def _batch(self, obs_tokens, rewards, dones, wons, infos) -> Batch:

@@ -222,3 +222,29 @@ def test_searching_planner_acts_only_on_what_was_seen():
   assert bool(jnp.all(won_p)) and turns.mean() > float(jnp.mean(turns_p))
   with pytest.raises(ValueError, match="expert"):
     hh.HouseholdParams(expert="oracle")
+
+
+def test_regime_planner_fails_exactly_the_task_type_it_skips():
+  """The ``regime`` preset's planner never cools: it solves every pick / clean / heat task
+  of both splits and no cool task (it puts the object away warm, and the reward does not
+  accept it); the same planner without the skip solves them all."""
+  params = hh.HouseholdParams.preset("regime")
+  assert params.expert_skips == ("cool",) and params.skip_ids == (3,)
+  keys = jax.vmap(lambda i: task_key(5, i))(jnp.arange(256))
+  for split in ("train", "heldout"):
+    states = jax.vmap(lambda k: hh.reset(params, k, split))(keys)
+    cool = np.asarray(states.goal[:, 0]) == hh.TASK_TYPES.index("cool")
+    assert 0.1 < cool.mean() < 0.4
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def play(st, skips):
+      def turn(st, _):
+        st, out = jax.vmap(lambda s: hh.step(params, s, hh.expert_action(s, True, skips)))(st)
+        return st, out.reward
+      return jax.lax.scan(turn, st, None, length=params.max_turns)[0]
+
+    flawed = np.asarray(play(states, params.skip_ids).won)
+    assert flawed[~cool].all() and not flawed[cool].any()
+    assert np.asarray(play(states, ()).won).all()
+  with pytest.raises(ValueError, match="expert_skips"):
+    hh.HouseholdParams(expert_skips=("pick",))
