@@ -239,7 +239,11 @@ else:
 """
 
 
-@pytest.mark.parametrize("barrier", ["sync", "together", "none"])
+# CI runs "together" (the wrapper of every jitted step, which waits at the barrier "sync"
+# tests alone); "sync" and "none" (the plain collective that fails) are slow: these runs
+# are serial on one worker, the long suite's critical path
+@pytest.mark.parametrize("barrier", [pytest.param("sync", marks=pytest.mark.slow), "together",
+                                     pytest.param("none", marks=pytest.mark.slow)])
 def test_a_process_40s_late_is_waited_for(tmp_path, barrier):
   """distributed.sync is a barrier of the coordination service: a process that gets to
   it 40 s after the other is waited for (up to an hour), and the collective after it
