@@ -95,8 +95,6 @@ def _same_value(x, y) -> bool:
     return abs(x - y) <= max(1e-5, 1e-5 * abs(y)) or (x != x and y != y)
   if isinstance(x, list) and isinstance(y, list):
     return len(x) == len(y) and all(_same_value(u, v) for u, v in zip(x, y))
-  if isinstance(x, dict) and isinstance(y, dict):
-    return x.keys() == y.keys() and all(_same_value(x[k], y[k]) for k in x)
   return type(x) is type(y) and x == y
 
 
