@@ -7,6 +7,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS set-up)
 
+import atod_jax  # noqa: E402,F401  (chooses the CPU where libtpu is installed but no TPU)
+
 jax.config.update(
     "jax_compilation_cache_dir",
     os.environ.get("ATOD_JAX_TEST_CACHE", os.path.expanduser("~/.cache/atod_jax/jax_cache")))

@@ -123,3 +123,26 @@ def test_every_requirement_is_bounded_and_the_notebook_pins_lie_inside():
     name, version = pin.split("==")
     name = name.replace("[tpu]", "")
     assert reqs[name].specifier.contains(version), (pin, str(reqs[name]))
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_readme_is_a_landing_page_and_every_link_resolves():
+  """README stays a landing page (<= 200 lines) that links every page of docs/; every
+  relative link in README, docs/*.md and configs/README.md names a file that exists."""
+  root = os.path.dirname(PKG)
+  readme = open(os.path.join(root, "README.md")).read()
+  assert len(readme.splitlines()) <= 200
+  pages = sorted(f for f in os.listdir(os.path.join(root, "docs")) if f.endswith(".md"))
+  linked = {m.split("#")[0] for m in _LINK.findall(readme)}
+  assert [p for p in pages if f"docs/{p}" not in linked] == []
+  files = ["README.md", "configs/README.md"] + [f"docs/{p}" for p in pages]
+  broken = []
+  for f in files:
+    for target in _LINK.findall(open(os.path.join(root, f)).read()):
+      target = target.split("#")[0]
+      if target and not re.match(r"^[a-z]+://", target):
+        if not os.path.exists(os.path.join(root, os.path.dirname(f), target)):
+          broken.append(f"{f}: {target}")
+  assert broken == []

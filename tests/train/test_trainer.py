@@ -1,5 +1,6 @@
 """The trainer end to end: real runs of the CLI, resume after kill -9 and SIGINT, NaN stop,
 config errors, and the sharded update."""
+import importlib.util
 import json
 import os
 import signal
@@ -246,6 +247,43 @@ def test_bad_config_from_the_command_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: config.method: got 'ppo'; allowed: {', '.join(METHODS)}")
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--config.train.stepz=3"], "error: config.train.stepz: no such field; did you mean "
+     "config.train.steps? (every field and its default: atod_jax/train/defaults.py)"),
+    (["--config.trian.steps=3"], "error: config.trian.steps: no such field; did you mean "
+     "config.train? (every field and its default: atod_jax/train/defaults.py)"),
+    (["--config.train.steps=abc"], "error: flag --config.train.steps=abc: invalid literal "
+     "for int() with base 10: 'abc'"),
+])
+def test_a_misspelt_field_fails_in_one_line_naming_the_nearest(tmp_path, args, line):
+  proc = _run(str(tmp_path / "w"), str(tmp_path / "t"), *args, check=False)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
+
+
+def test_a_missing_config_file_fails_in_one_line(tmp_path):
+  missing = os.path.join(ROOT, "configs", "quickstrt.py")
+  proc = subprocess.run([sys.executable, "-m", "atod_jax.main", f"--config={missing}",
+                         f"--workdir={tmp_path}"], env=_env(), cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: --config: no such file {missing!r}; did you mean "
+      f"{os.path.join(ROOT, 'configs', 'quickstart.py')}?"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_cpu_run_with_libtpu_installed_prints_nothing_about_tpus(tmp_path):
+  """libtpu (the test extra's jax[tpu]) makes JAX try a TPU at start-up and print its
+  errors on a machine without one; the package chooses the CPU first, unasked. The run
+  goes as far as the device check (the mesh asks for 3 devices of 1)."""
+  env = _env()
+  env.pop("JAX_PLATFORMS", None)
+  proc = subprocess.run(_cmd(str(tmp_path / "w"), str(tmp_path / "t"), "--config.mesh.data=3"),
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "the 1 devices" in proc.stderr
+  assert "tpu" not in proc.stderr.lower(), proc.stderr
 
 
 def test_a_mesh_that_does_not_match_the_devices_fails_at_start_up(tmp_path):
