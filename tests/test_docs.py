@@ -9,7 +9,7 @@ import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "atod_jax")
 PUBLIC = ["atod_jax.objectives", "atod_jax.models", "atod_jax.sampling", "atod_jax.envs",
-          "atod_jax.rollout", "atod_jax.train", "atod_jax.data"]
+          "atod_jax.rollout", "atod_jax.train", "atod_jax.data", "atod_jax.scaling"]
 ROLE = re.compile(r":(func|class|mod|data|meth|attr|exc):`~?([\w.]+)`")
 
 
@@ -123,6 +123,30 @@ def test_every_requirement_is_bounded_and_the_notebook_pins_lie_inside():
     name, version = pin.split("==")
     name = name.replace("[tpu]", "")
     assert reqs[name].specifier.contains(version), (pin, str(reqs[name]))
+
+
+def test_xdist_groups_send_their_tests_to_one_worker(tmp_path):
+  """The suite's ``xdist_group`` marks (one trainer reference run, one notebook kernel,
+  one multi-process run at a time) hold with the installed pytest and pytest-xdist:
+  pytest 9.2 keeps a test's id where xdist 3.8 does not write its group, and then every
+  group is spread over the workers (setup.cfg bounds pytest below 9.2)."""
+  import subprocess
+  import sys
+  (tmp_path / "test_grouped.py").write_text(
+      "import os, pytest\n"
+      "group = pytest.mark.xdist_group('one')\n"
+      "def _log(name):\n"
+      "  with open(os.path.join(os.path.dirname(__file__), 'log'), 'a') as f:\n"
+      "    f.write(f\"{name} {os.environ['PYTEST_XDIST_WORKER']}\\n\")\n"
+      + "".join(f"@group\ndef test_in_{i}():\n  _log('in')\n" for i in range(4))
+      + "".join(f"def test_out_{i}():\n  _log('out')\n" for i in range(4)))
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-n", "2", "--dist", "loadgroup", "-o", "addopts=", str(tmp_path)],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = (tmp_path / "log").read_text().split()
+  workers = {w for name, w in zip(lines[::2], lines[1::2]) if name == "in"}
+  assert len(lines) == 16 and len(workers) == 1, lines
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
