@@ -51,7 +51,7 @@ def behaviour_clone(config, graphdef, params, source, *, sft, seed: int,
   warmup = max(1, sft.steps // 10) if sft.steps > 1 else 0  # (one step: no warm-up)
   tx = optax.adam(optax.warmup_cosine_decay_schedule(
       0.0, sft.learning_rate, warmup, sft.steps, sft.learning_rate * 0.05))
-  once = ml_collections.ConfigDict(dict(minibatches=1, epochs=1))
+  once = ml_collections.ConfigDict(dict(minibatches=1, epochs=1, microbatches=1))
   update = methods.make_update(config, "sft", graphdef, max_turns=source.max_turns,
                                optim=once, tx=tx)
   state = update.init(params)
@@ -108,7 +108,9 @@ def reinforce(config, graphdef, params, source, *, steps: int, learning_rate: fl
   update = methods.make_update(config, "grpo", graphdef, max_turns=source.max_turns,
                                optim=optim)
   sampling = SamplingParams(temperature=r.temperature)
-  state = update.init(params)
+  # a copy: the update donates its state, and ``params`` may be the selector's best
+  # (kept from behaviour cloning), which must outlive the first update
+  state = update.init(jax.tree.map(jnp.copy, params))
   success = []
   bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True)
   for i in bar:
@@ -129,7 +131,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
   must compare equal)."""
   e = config.eval  # the selection's protocol shapes the build too
   env = config.env.to_dict()
-  if not config.teacher.build.get("grpo_steps", 0):
+  if not config.teacher.build.grpo_steps:
     # the invalid-turn penalty is a reward: behaviour cloning and the selection (by
     # success) never see it, so a cloned teacher serves any penalty
     env.pop("invalid_penalty", None)
@@ -143,7 +145,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 def _build(config, source, cache: str, say) -> tuple:
   b = config.teacher.build
   start = time.time()
-  init = b.get("init", "fresh")
+  init = b.init
   if init == "fresh":
     cfg = ModelConfig(**config.teacher.model)
     graphdef, params = model_io.fresh(cfg, key(b.seed, Stream.TEACHER_INIT))
@@ -156,19 +158,19 @@ def _build(config, source, cache: str, say) -> tuple:
   sft = ml_collections.ConfigDict(dict(steps=b.sft_steps, demo_episodes=b.demo_episodes,
                                        batch_size=b.batch_size, learning_rate=b.learning_rate,
                                        expert_noise=b.expert_noise))
-  every = b.get("select_every", 0)
-  select = Selector(config, source, every=every, episodes=b.get("select_episodes", 128),
+  every = b.select_every
+  select = Selector(config, source, every=every, episodes=b.select_episodes,
                     phase="sft") if every else None
   params = behaviour_clone(config, graphdef, params, source, sft=sft, seed=b.seed, desc="teacher",
                            streams=(Stream.TEACHER_DEMOS, Stream.TEACHER_PICK,
                                     Stream.TEACHER_SHUFFLE), select=select)
-  grpo_steps = b.get("grpo_steps", 0)
+  grpo_steps = b.grpo_steps
   if grpo_steps:
     say(f"teacher: then {grpo_steps} GRPO steps on its own rollouts")
     if select is not None:
       select.phase = "grpo"
   params, grpo_success = reinforce(config, graphdef, params, source, steps=grpo_steps,
-                                   learning_rate=b.get("grpo_learning_rate", 5e-4), seed=b.seed,
+                                   learning_rate=b.grpo_learning_rate, seed=b.seed,
                                    select=select if grpo_steps else None)
   info = {"source": "build", "fingerprint": fingerprint(config),
           "build_seconds": time.time() - start, "grpo_steps": grpo_steps,
