@@ -13,16 +13,24 @@ perfect:
     python experiments/compare_methods.py --config configs/household_long.py \\
         --workdir runs/long --methods atod,atod_uniform --seeds 0,1,2,3,4
 
-Measured on 4 seeds (2026-12-03, experiments/RESULTS.md): no gain from T-DUR
-(atod_uniform - atod = +0.043 [-0.002, +0.105] final), and neither method improves much
-on the warm start in 100 steps (0.11 / 0.15 against 0.13; teacher 0.559).
+What it measured, on 4 seeds: experiments/RESULTS.md ("T-DUR on long episodes").
 """
 from atod_jax.train import defaults as d
 
 
 def get_config():
-  c = d.quickstart()
+  c = d.base("atod")
   c.env = d.household_env("long", obs_len=24)
-  c.teacher.build.update(sft_steps=600, select_every=100)
-  c.student.sft.update(demo_episodes=2048, steps=400)
+
+  # teacher: the quickstart's, cloned longer
+  c.teacher = d.built_teacher(d.tiny_model(128, 3, 2, 384), demo_episodes=2048,
+                              sft_steps=600, select_every=100)
+  # student: warm-started on more demonstrations
+  c.student = d.warm_started_student(d.tiny_model(64, 2, 2, 192), demo_episodes=2048,
+                                     steps=400)
+
+  # the run
+  c.objective.anneal_steps = 50
+  c.train.steps = 100
+  c.eval.select_split = "train"
   return c

@@ -17,7 +17,7 @@ import numpy as np
 
 from atod_jax.envs import household as hh
 from atod_jax.envs.household_text import HouseholdTextEnv, task_key
-from atod_jax.train.measure import best_time
+from atod_jax.scaling.measure import best_time
 
 TURNS = 32
 

@@ -1,12 +1,12 @@
 """A text environment's training step measured on this machine's devices, function by
-function, beside the plan's lower bound (atod_jax.train.measure): decode tokens/s,
+function, beside the plan's lower bound (atod_jax.scaling.measure): decode tokens/s,
 teacher scoring and update time of, e.g., the paper's 0.6B-shaped run on a GPU.
 
     python experiments/measure_step.py --config configs/alfworld_qwen3.py \\
         --student qwen3-0.6b --teacher qwen3-4b          # a GPU or TPU: random weights
     python experiments/measure_step.py --config configs/textworld_tiny.py   # the CPU
 
-``--student`` / ``--teacher``: a name of ``atod_jax.train.plan.MODELS``, an HF directory
+``--student`` / ``--teacher``: a name of ``atod_jax.scaling.plan.MODELS``, an HF directory
 or a GGUF file; by default the config's ``path``, else its ``model`` fields (the tiny
 configs' models). ``--config.x=y`` overrides the config as in ``atod_jax.main``.
 """
@@ -41,8 +41,8 @@ def main(argv):
   import jax
 
   from atod_jax.cache import use_compilation_cache
-  from atod_jax.train import measure as ms
-  from atod_jax.train import plan as pl
+  from atod_jax.scaling import measure as ms
+  from atod_jax.scaling import plan as pl
   use_compilation_cache()
   config = _CONFIG.value  # not validated: no model or data path is needed
   mesh = dict(data=1, fsdp=len(jax.devices()), tensor=1) if _FSDP_ONLY.value else {}

@@ -7,7 +7,7 @@ compiles here; ``pip install "jax[tpu]"``).
 
 For each student (Qwen3-0.6B, 1.7B, 4B) with the Qwen3-4B teacher, and the 4B student
 with Qwen3-30B-A3B, on each target: the first mesh / micro-batch setting that fits
-(atod_jax.train.plan.search), with per-chip bytes, FLOPs and a lower bound on the step
+(atod_jax.scaling.plan.search), with per-chip bytes, FLOPs and a lower bound on the step
 time; one table at the end (docs/scaling.md holds it). The config is
 configs/alfworld_qwen3.py: the paper's batch, 8 tasks x 8 episodes of 50 turns, each a
 2,048-token prompt and a 512-token answer.
@@ -43,7 +43,7 @@ def main():
   spec.loader.exec_module(mod)
   config = mod.get_config()
   config.teacher.offload = args.offload_teacher
-  from atod_jax.train import plan as planner
+  from atod_jax.scaling import plan as planner
   pairs = [tuple(p.split("/")) for p in args.pairs.split(",")] if args.pairs else PAIRS
   say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
   plans, details = [], []

@@ -1,5 +1,5 @@
 """What the teacher's scoring holds on a TPU chip, by depth and by scoring chunks: the
-compiled ``steps.jit_score`` of a model of :data:`atod_jax.train.plan.MODELS` (its
+compiled ``steps.jit_score`` of a model of :data:`atod_jax.scaling.plan.MODELS` (its
 layers cut to ``--layers``) on the paper's batch (64 episodes x 50 windowed turns of
 2,048 + 512 tokens), all-fsdp over a TPU topology, compiled here with libtpu.
 
@@ -36,7 +36,8 @@ def main():
   from atod_jax.models.config import ModelConfig
   from atod_jax.models.sharding import make_mesh
   from atod_jax.rollout.host import TextRollout
-  from atod_jax.train import plan as pl, steps
+  from atod_jax.scaling import plan as pl
+  from atod_jax.train import steps
 
   _, devices = pl.topology(args.target)
   mesh = make_mesh(1, len(devices), 1, devices=devices)

@@ -88,10 +88,12 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
     test_no_import_cycle()
 
 
-def test_trainer_functions_are_short():
-  """No function of ``atod_jax/train`` runs over 60 lines (docstring included)."""
+@pytest.mark.parametrize("part", ["train", "rollout", "envs", "scaling"])
+def test_functions_are_short(part):
+  """No function of the trainer, the rollouts, the environments or the scaling tools
+  runs over 60 lines (docstring included)."""
   long = []
-  for root, _, files in os.walk(os.path.join(PKG, "train")):
+  for root, _, files in os.walk(os.path.join(PKG, part)):
     for f in files:
       if not f.endswith(".py"):
         continue

@@ -120,3 +120,19 @@ def test_own_loop_objective_equals_the_trainers():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     moved += int(np.any(np.asarray(b) != 0))
   assert moved > 0
+
+
+def test_quickstart_notebook_builds_the_quickstart_config():
+  """The notebook spells out configs/quickstart.py's fields (Colab has no configs/
+  folder): the lines it runs give the same config as the file."""
+  from atod_jax.train import defaults
+  from tests.train import tiny_config
+  with open(os.path.join(ROOT, "notebooks", "quickstart.ipynb")) as f:
+    cells = ["".join(c["source"]) for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  src = next(c for c in cells if "config = defaults.base(" in c)
+  lines = src.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("config = defaults.base("))
+  end = next(i for i, l in enumerate(lines) if l.startswith("config.eval.select_split"))
+  scope = {"defaults": defaults}
+  exec("\n".join(lines[start:end + 1]), scope)  # noqa: S102 (the notebook's own lines)
+  assert scope["config"].to_dict() == tiny_config.shipped("quickstart").to_dict()

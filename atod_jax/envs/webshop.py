@@ -154,6 +154,20 @@ def load_catalogue(data_dir: str | None = None, seed: int = 233) -> Catalogue:
   for r in raw:
     if r["asin"] != "nan" and len(r["asin"]) <= 10 and r["asin"] not in products:
       products[r["asin"]] = _product(r, attributes)
+  prices, goals = _prices_and_goals(products, human, seed)
+  documents, index = _search_index(paths["documents"])
+  return Catalogue(products, prices, goals, documents, index)
+
+
+def _goal(asin: str, p: dict, instruction: str, attributes, upper: float, options) -> dict:
+  return {"asin": asin, "category": p["category"], "query": p["query"], "name": p["Title"],
+          "product_category": p["product_category"], "instruction_text": instruction,
+          "attributes": attributes, "price_upper": upper, "goal_options": options}
+
+
+def _prices_and_goals(products: dict, human: dict, seed: int) -> tuple[dict, dict]:
+  """Each product's price (drawn in its range) and the goals: every option combination
+  of every product with an instruction (split test / eval / train), and the human ones."""
   rng = random.Random(seed)
   prices = {}
   for asin, p in products.items():
@@ -175,41 +189,37 @@ def load_catalogue(data_dir: str | None = None, seed: int = 233) -> Catalogue:
     for combo in itertools.product(*(p["options"][n] for n in names)):
       goal_options = dict(zip(names, combo))
       text = ", and ".join(f"{k}: {v}" for k, v in goal_options.items())
-      synthetic.append({
-          "asin": asin, "category": p["category"], "query": p["query"], "name": p["Title"],
-          "product_category": p["product_category"],
-          "instruction_text": p["instruction_text"] + (f" with {text}" if text else "") + price_text,
-          "attributes": p["instruction_attributes"], "price_upper": upper,
-          "goal_options": goal_options})
+      synthetic.append(_goal(
+          asin, p, p["instruction_text"] + (f" with {text}" if text else "") + price_text,
+          p["instruction_attributes"], upper, goal_options))
   human_goals = []
   for asin, items in human.items():
     if asin not in products:
       continue
-    p = products[asin]
     for item in items:
       if not item.get("instruction_attributes"):
         continue
       upper, price_text = price_bound(asin)
-      human_goals.append({
-          "asin": asin, "category": p["category"], "query": p["query"], "name": p["Title"],
-          "product_category": p["product_category"],
-          "instruction_text": item["instruction"].strip(".") + price_text,
-          "attributes": item["instruction_attributes"], "price_upper": upper,
-          "goal_options": list(item.get("instruction_options") or [])})
+      human_goals.append(_goal(asin, products[asin], item["instruction"].strip(".") + price_text,
+                               item["instruction_attributes"], upper,
+                               list(item.get("instruction_options") or [])))
   random.Random(seed).shuffle(synthetic)
-  goals = {"test": synthetic[:500], "eval": synthetic[500:1500], "train": synthetic[1500:],
-           "human": human_goals}
+  return prices, {"test": synthetic[:500], "eval": synthetic[500:1500],
+                  "train": synthetic[1500:], "human": human_goals}
 
+
+def _search_index(path: str):
+  """The products' documents and a BM25 index of their contents."""
   import bm25s  # the `webshop` / `search` extra
   documents, texts = [], []
-  with gzip.open(paths["documents"], "rt") as f:
+  with gzip.open(path, "rt") as f:
     for line in f:
       doc = json.loads(line)
       documents.append(doc["id"])
       texts.append(doc["contents"])
   index = bm25s.BM25()
   index.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-  return Catalogue(products, prices, goals, documents, index)
+  return documents, index
 
 
 # ------------------------------------------------------------------------ reward

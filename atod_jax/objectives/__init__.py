@@ -18,7 +18,8 @@ from atod_jax.objectives.advantages import (
 from atod_jax.objectives.distill import (
     DIVERGENCES, map_sequence_chunks, opd_signal, vocab_divergence)
 from atod_jax.objectives.policy_loss import (
-    AGGREGATIONS, ClippedTerms, aggregate_tokens, aggregation_weights, clipped_policy_loss,
+    AGGREGATIONS, ClippedTerms, aggregate_tokens, aggregation_weights, clip_metrics,
+    clipped_policy_loss,
     clipped_token_terms, weighted_sum)
 from atod_jax.objectives.schedules import (
     SHAPES, AnnealingSchedules, HandOff, adaptive_weights, annealing_schedules, handoff_init,
@@ -31,7 +32,7 @@ __all__ = [
     "AnnealingSchedules", "ClippedTerms", "HandOff", "TurnStatistics", "adaptive_weights",
     "handoff_init", "handoff_update",
     "aggregate_tokens", "aggregation_weights", "annealing_schedules", "atod_advantages",
-    "clipped_policy_loss", "clipped_token_terms", "weighted_sum",
+    "clip_metrics", "clipped_policy_loss", "clipped_token_terms", "weighted_sum",
     "discounted_returns", "group_advantages", "step_advantages", "turn_values", "map_sequence_chunks", "minmax_normalize", "opd_signal",
     "tdur_weights", "turn_statistics", "turn_weights", "vocab_divergence",
 ]

@@ -108,6 +108,21 @@ def clipped_token_terms(logp, behaviour_logp, advantages, mask, clip_eps: float 
                       jax.lax.stop_gradient(log_ratio))
 
 
+def clip_metrics(terms: ClippedTerms, mean_weights: jax.Array) -> dict[str, jax.Array]:
+  """The clipped surrogate's diagnostics from its :class:`ClippedTerms`, as sums weighted
+  by ``mean_weights`` (``aggregation_weights(mask, "token_mean")``: token means over the
+  masked tokens; weights of a slice of the batch give the slice's share, which add up):
+  ``clip_fraction``, ``dual_clip_fraction``, ``approx_kl`` (the k3 estimate of
+  ``KL(pi_old || pi_theta)``, :math:`E[(r-1) - \\log r]`), ``ratio_mean`` and
+  ``ratio_max`` (the largest ratio over the tokens with weight, 0 when there are none)."""
+  on = mean_weights > 0
+  return {"clip_fraction": weighted_sum(terms.clip_active, mean_weights),
+          "dual_clip_fraction": weighted_sum(terms.dual_active, mean_weights),
+          "approx_kl": weighted_sum(terms.ratio - 1.0 - terms.log_ratio, mean_weights),
+          "ratio_mean": weighted_sum(terms.ratio, mean_weights),
+          "ratio_max": jnp.max(jnp.where(on, terms.ratio, -jnp.inf), initial=0.0)}
+
+
 def clipped_policy_loss(
     logp: jax.Array,
     behaviour_logp: jax.Array,
@@ -152,19 +167,5 @@ def clipped_policy_loss(
   chex.assert_rank([logp, behaviour_logp, advantages, mask], 2)
   t = clipped_token_terms(logp, behaviour_logp, advantages, mask, clip_eps,
                           clip_eps_high=clip_eps_high, dual_clip=dual_clip)
-  on = mask > 0
-  per_token, clip_active, dual_active = t.loss, t.clip_active, t.dual_active
-  loss = aggregate_tokens(per_token, mask, aggregation)
-
-  def token_mean(x):
-    return aggregate_tokens(x.astype(jnp.float32), mask, "token_mean")
-
-  ratio_sg, log_ratio_sg = t.ratio, t.log_ratio
-  metrics = {
-      "clip_fraction": token_mean(clip_active),
-      "dual_clip_fraction": token_mean(dual_active),
-      "approx_kl": token_mean(ratio_sg - 1.0 - log_ratio_sg),
-      "ratio_mean": token_mean(ratio_sg),
-      "ratio_max": jnp.max(jnp.where(on, ratio_sg, -jnp.inf), initial=0.0),
-  }
-  return loss, metrics
+  loss = aggregate_tokens(t.loss, mask, aggregation)
+  return loss, clip_metrics(t, aggregation_weights(mask, "token_mean"))

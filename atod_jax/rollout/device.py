@@ -94,6 +94,31 @@ def _command(env: DeviceEnv, tokens: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(has_eos, words, env.unk_id).astype(jnp.int32)
 
 
+def _respond(model, env, state, cache, logits, live, key, m: int, sampling, stop,
+             expert_noise: float):
+  """One turn's responses of every live episode, ``[B, m]``: the policy's, decoded from
+  ``cache`` (``sampling``), or the expert's (``sampling`` None, with ``expert_noise``).
+  Returns ``(tokens, valid, imitate, logp, cache)``."""
+  if sampling is None:
+    resp, resp_valid, noisy = _expert_response(env, state, key, expert_noise)
+    resp_valid &= live[:, None]
+    resp = jnp.where(resp_valid, resp, env.pad_id)
+    return (resp, resp_valid, resp_valid & ~noisy[:, None], jnp.zeros(resp.shape, jnp.float32),
+            cache)
+  out = decode_loop(model, cache, logits, key, m, sampling, stop, jnp.where(live, m, 0),
+                    jnp.int32(env.pad_id))
+  return out.tokens, out.valid, out.valid, out.logprobs, out.cache
+
+
+def _answers(env, state, event, obs_len: int):
+  """The environment's answers after a step, ``[B, obs_len]`` left-aligned (nothing for
+  an episode that ended)."""
+  done = jax.vmap(env.status)(state)[0]
+  obs = jax.vmap(env.observe)(state, event)[:, :obs_len]
+  obs, obs_valid = _left_align(obs, (obs != env.pad_id) & ~done[:, None])
+  return jnp.where(obs_valid, obs, env.pad_id), obs_valid
+
+
 def rollout(model: DecoderLM | None, spec: DeviceRollout, task_keys: jax.Array,
             key: jax.Array, *, split: str = "train",
             sampling: SamplingParams | None = SamplingParams(),
@@ -111,9 +136,8 @@ def rollout(model: DecoderLM | None, spec: DeviceRollout, task_keys: jax.Array,
     sampling: the policy's :class:`SamplingParams`; None plays the expert.
     group_ids: ``[B]`` int32 (default: one group per row).
     expert_noise: when the expert plays, the chance that a turn's command is a random
-      one instead, whose tokens stay in the context but not in ``gen_mask`` (noise
-      injection, as in DART: a clone then also learns to recover from mistakes, which
-      a teacher scoring a student's off-course episodes needs).
+      one, kept in the context but not in ``gen_mask`` (DART's noise injection: a clone
+      also learns to recover from mistakes).
     invalid_penalty: subtracted from the reward of every invalid turn
       (:mod:`atod_jax.envs.agent`).
   """
@@ -123,10 +147,8 @@ def rollout(model: DecoderLM | None, spec: DeviceRollout, task_keys: jax.Array,
   first = jax.vmap(env.first_observation)(state)
   prompt, prompt_valid = _left_align(first, first != env.pad_id)
   m = spec.response_len
-  expert = sampling is None
-  if expert:
-    cache, logits = None, None
-  else:
+  cache = logits = None
+  if sampling is not None:
     cache = KVCache.init(model.cfg, b, spec.cache_slots)
     logits, cache = append_tokens(model, cache, prompt, prompt_valid)
   stop = jnp.full((b, 1), env.eos_id, jnp.int32)
@@ -135,24 +157,12 @@ def rollout(model: DecoderLM | None, spec: DeviceRollout, task_keys: jax.Array,
     state, cache, logits = carry
     live = ~jax.vmap(env.status)(state)[0]
     anchor = jax.vmap(env.anchor)(state)
-    if expert:
-      resp, resp_valid, noisy = _expert_response(env, state, jax.random.fold_in(key, k),
-                                                 expert_noise)
-      resp_valid &= live[:, None]
-      resp = jnp.where(resp_valid, resp, env.pad_id)
-      resp_logp = jnp.zeros(resp.shape, jnp.float32)
-      imitate = resp_valid & ~noisy[:, None]
-    else:
-      out = decode_loop(model, cache, logits, jax.random.fold_in(key, k), m, sampling, stop,
-                        jnp.where(live, m, 0), jnp.int32(env.pad_id))
-      resp, resp_valid, resp_logp, cache = out.tokens, out.valid, out.logprobs, out.cache
-      imitate = resp_valid
+    resp, resp_valid, imitate, resp_logp, cache = _respond(
+        model, env, state, cache, logits, live, jax.random.fold_in(key, k), m, sampling,
+        stop, expert_noise)
     new_state, so = jax.vmap(env.step)(state, _command(env, resp, resp_valid))
-    done = jax.vmap(env.status)(new_state)[0]
-    obs = jax.vmap(env.observe)(new_state, so.event)[:, :spec.obs_len]
-    obs, obs_valid = _left_align(obs, (obs != env.pad_id) & ~done[:, None])
-    obs = jnp.where(obs_valid, obs, env.pad_id)
-    if not expert:
+    obs, obs_valid = _answers(env, new_state, so.event, spec.obs_len)
+    if sampling is not None:
       logits, cache = append_tokens(model, cache, obs, obs_valid)
     malformed = ~jnp.any((resp == env.eos_id) & resp_valid, axis=1)
     invalid = invalid_turns(live, malformed, so.invalid)

@@ -223,6 +223,175 @@ def _empty_cache(model, rows: RowSplit, slots: int):
   return jax.jit(lambda: KVCache.init(model.cfg, rows.size, slots), out_shardings=out)()
 
 
+@dataclasses.dataclass
+class _Episodes:
+  """What a host rollout keeps per episode while it plays: the token buffers of the
+  trajectory (``[K, B, ...]``), the per-turn rewards and anchors, the counters, and
+  each episode's task, current observation and history."""
+
+  spec: TextRollout
+  pad: int
+  tasks: list
+  current: list
+  infos: list
+  aborted: np.ndarray
+  done: np.ndarray
+
+  def __post_init__(self):
+    s, b, kk = self.spec, len(self.tasks), self.spec.max_turns
+    self.history: list[list[tuple[str, str]]] = [[] for _ in range(b)]
+    width = (kk, b, s.prompt_len) if s.windowed else (b, s.prompt_len)
+    self.prompt, self.prompt_valid = np.full(width, self.pad, np.int32), np.zeros(width, bool)
+    self.obs = np.full((kk, b, s.obs_len), self.pad, np.int32)
+    self.obs_valid = np.zeros((kk, b, s.obs_len), bool)
+    self.resp = np.full((kk, b, s.response_len), self.pad, np.int32)
+    self.resp_valid = np.zeros((kk, b, s.response_len), bool)
+    self.imitate = np.zeros((kk, b, s.response_len), bool)
+    self.resp_logp = np.zeros((kk, b, s.response_len), np.float32)
+    self.rewards = np.zeros((kk, b), np.float32)
+    self.anchors = np.full((kk, b), -1, np.int32)
+    self.turns, self.invalid = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    self.format_errors = np.zeros(b, np.int32)  # turns whose answer held no command
+
+  @property
+  def size(self) -> int:
+    return len(self.tasks)
+
+  def record(self, k: int, live, malformed, actions, batch, invalid_penalty: float) -> None:
+    """The environment's answer to turn ``k``: rewards (with the invalid-turn
+    penalty), counters, aborts, infos, history and the next observations."""
+    b = self.size
+    self.turns += live
+    flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos] or [False] * b)
+    bad = invalid_turns(live, malformed, flagged)
+    self.invalid += bad.astype(np.int32)
+    self.format_errors += (live & malformed).astype(np.int32)
+    self.rewards[k] = turn_rewards(np.asarray(batch.rewards, np.float32), live, bad,
+                                   invalid_penalty)
+    if batch.aborted is not None:
+      self.aborted |= batch.aborted & live
+    for i in np.flatnonzero(live):
+      if batch.infos and batch.infos[i]:
+        self.infos[i].update(batch.infos[i])
+      self.history[i].append((self.current[i], actions[i]))
+      self.current[i] = batch.observations[i]
+
+  def trajectory(self, wons, group_ids, padding) -> Trajectory:
+    """The finished episodes as a :class:`Trajectory` (this process's rows); each
+    info gets ``won``, ``turns``, ``format_errors`` (and ``padding`` on a padding row)."""
+    self.aborted |= padding
+    won = wons.copy() & ~self.aborted
+    for i in range(self.size):
+      self.infos[i].update(format_errors=int(self.format_errors[i]), won=bool(won[i]),
+                           turns=int(self.turns[i]))
+      if padding[i]:
+        self.infos[i]["padding"] = True
+    fields = dict(rewards=self.rewards.sum(axis=0), won=won, num_turns=self.turns,
+                  invalid=self.invalid, group_ids=group_ids, row_valid=~self.aborted,
+                  turn_rewards=self.rewards, anchors=self.anchors)
+    if self.spec.windowed:
+      return assemble_windowed(self.prompt, self.prompt_valid, self.resp, self.resp_valid,
+                               self.imitate, self.resp_logp, **fields)
+    return assemble(self.prompt, self.prompt_valid, self.resp, self.resp_valid, self.imitate,
+                    self.resp_logp, self.obs, self.obs_valid, **fields)
+
+
+def _expert_turn(ep: _Episodes, k: int, live, batch, codec: TextCodec, rng,
+                 expert_noise: float) -> list:
+  """Turn ``k`` of the environment's expert for every live episode (with
+  ``expert_noise``, a share of random admissible commands, kept but not imitated)."""
+  actions: list[str | None] = [None] * ep.size
+  for i in np.flatnonzero(live):
+    noisy = False
+    command = batch.expert[i] if batch.expert else None
+    choices = [a for a in (batch.admissible[i] if batch.admissible else []) if "<" not in a]
+    if choices and (command is None or rng.random() < expert_noise):
+      noisy = True  # a random command (noise, or no expert here): not imitated
+      command = choices[rng.integers(len(choices))]
+    command = command or ""
+    ids, fits = codec.response(command)
+    if not fits:  # a cut command is not the one played: never imitate it
+      noisy = True
+      logging.warning("expert command %r is longer than env.response_len=%d tokens: "
+                      "not imitated (raise response_len)", command, ep.spec.response_len)
+    ep.resp[k, i, :len(ids)] = ids
+    ep.resp_valid[k, i, :len(ids)] = True
+    ep.imitate[k, i, :len(ids)] = not noisy
+    actions[i] = command
+  return actions
+
+
+class _Policy:
+  """The model's side of a host rollout: its KV cache over the batch's rows, one
+  decode per turn, the appends of the answers (context layout) or a fresh cache per
+  turn's prompt (window layout)."""
+
+  def __init__(self, model, codec: TextCodec, rows: RowSplit, key, sampling: SamplingParams):
+    self.model, self.codec, self.rows, self.key, self.sampling = model, codec, rows, key, sampling
+    b = len(rows.local)
+    self.stop = rows.put(np.tile(np.asarray(codec.stops, np.int32), (b, 1)))
+    self.logits = self.cache = None
+
+  def prefill(self, tokens, valid) -> None:
+    """A fresh cache holding ``tokens``."""
+    cache = _empty_cache(self.model, self.rows, self.codec.spec.cache_slots)
+    self.logits, self.cache = append(self.model, cache,
+                                     *self.rows.put((jnp.asarray(tokens), jnp.asarray(valid))))
+
+  def extend(self, tokens, valid) -> None:
+    self.logits, self.cache = append(self.model, self.cache, *self.rows.put((tokens, valid)))
+
+  def turn(self, ep: _Episodes, k: int, live) -> tuple[list, np.ndarray]:
+    """Turn ``k``'s answers of every live episode: their commands and which were
+    malformed (no command in them)."""
+    spec, m = ep.spec, ep.spec.response_len
+    if spec.windowed:
+      self.prefill(ep.prompt[k], ep.prompt_valid[k])
+    out = decode(self.model, self.cache, self.logits, jax.random.fold_in(self.key, k), m,
+                 self.sampling, stop_tokens=self.stop,
+                 max_new=self.rows.put(np.where(live, m, 0).astype(np.int32)), pad_id=ep.pad)
+    self.cache, self.logits = out.cache, out.last_logits
+    toks, valid, logp = self.rows.get((out.tokens, out.valid, out.logprobs))
+    ep.resp[k], ep.resp_valid[k], ep.imitate[k], ep.resp_logp[k] = toks, valid, valid, logp
+    actions: list[str | None] = [None] * ep.size
+    malformed = np.zeros(ep.size, bool)
+    for i in np.flatnonzero(live):
+      command = self.codec.command(toks[i][valid[i]])
+      malformed[i] = command is None
+      actions[i] = command or ""
+    return actions, malformed
+
+
+def _play_turn(ep: _Episodes, k: int, live, batch, env, codec: TextCodec, rows: RowSplit,
+               policy: _Policy | None, rng, expert_noise: float, invalid_penalty: float):
+  """Turn ``k`` of every live episode: its prompt (windowed), the policy's answers (or
+  the expert's), the environment's step and what it returned; the context layout's
+  answers appended to the cache. Returns the environment's new batch."""
+  spec, b = ep.spec, ep.size
+  if spec.windowed:  # this turn's own prompt
+    ep.prompt[k], ep.prompt_valid[k] = _right(
+        [codec.turn_prompt(ep.tasks[i], ep.current[i], ep.history[i],
+                           batch.admissible[i] if batch.admissible else None)
+         if live[i] else [] for i in range(b)], spec.prompt_len, ep.pad)
+  if policy is None:
+    actions = _expert_turn(ep, k, live, batch, codec, rng, expert_noise)
+    malformed = np.zeros(b, bool)
+  else:
+    actions, malformed = policy.turn(ep, k, live)
+  ep.anchors[k] = [anchor_key(ep.current[i]) if live[i] else -1 for i in range(b)]
+  batch = env.step(actions)
+  ep.record(k, live, malformed, actions, batch, invalid_penalty)
+  now_done = batch.dones | ep.aborted
+  going = live & ~now_done
+  ep.done = ep.done | now_done
+  if not spec.windowed:
+    answers = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
+    ep.obs[k], ep.obs_valid[k] = _right(answers, spec.obs_len, ep.pad)
+    if policy is not None and rows.any(~ep.done) and k + 1 < spec.max_turns:
+      policy.extend(ep.obs[k], ep.obs_valid[k])
+  return batch
+
+
 def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[int],
                  key: jax.Array, *, sampling: SamplingParams | None = SamplingParams(),
                  group_ids: Sequence[int] | None = None, expert_noise: float = 0.0,
@@ -253,128 +422,31 @@ def host_rollout(model, codec: TextCodec, env, split: str, task_ids: Sequence[in
   if group_ids is not None:
     group_ids = list(group_ids) + [-1] * (len(task_ids) - real)
   rows = RowSplit(mesh, len(task_ids))
-  put = rows.put  # (no mesh: as given)
-  local = rows.local
-  padding = local >= real
-  task_ids = [task_ids[i] for i in local]
+  padding = rows.local >= real
+  task_ids = [task_ids[i] for i in rows.local]
   if group_ids is not None:
-    group_ids = np.asarray(group_ids)[local]
-  spec, pad = codec.spec, codec.pad
-  b, kk, m, o = len(task_ids), spec.max_turns, spec.response_len, spec.obs_len
+    group_ids = np.asarray(group_ids)[rows.local]
+  spec = codec.spec
   batch = env.reset(split, list(task_ids))
-  tasks, current = list(batch.tasks), list(batch.observations)
-  history: list[list[tuple[str, str]]] = [[] for _ in range(b)]
-  if spec.windowed:
-    prompt = np.full((kk, b, spec.prompt_len), pad, np.int32)
-    prompt_valid = np.zeros((kk, b, spec.prompt_len), bool)
-  else:
-    prompt, prompt_valid = _right([codec.prompt(t, x) for t, x in zip(tasks, current)],
-                                  spec.prompt_len, pad)
-    obs = np.full((kk, b, o), pad, np.int32)
-    obs_valid = np.zeros((kk, b, o), bool)
-  resp = np.full((kk, b, m), pad, np.int32)
-  resp_valid = np.zeros((kk, b, m), bool)
-  imitate = np.zeros((kk, b, m), bool)
-  resp_logp = np.zeros((kk, b, m), np.float32)
-  rewards = np.zeros((kk, b), np.float32)
-  anchors = np.full((kk, b), -1, np.int32)
-  turns = np.zeros(b, np.int32)
-  invalid = np.zeros(b, np.int32)
-  format_errors = np.zeros(b, np.int32)  # turns whose answer held no command
+  b = len(task_ids)
   aborted = np.zeros(b, bool) if batch.aborted is None else batch.aborted.copy()
-  done = batch.dones.copy() | aborted
-  infos = [dict(x) for x in batch.infos] if batch.infos else [{} for _ in range(b)]
-  expert = sampling is None
+  ep = _Episodes(spec, codec.pad, list(batch.tasks), list(batch.observations),
+                 [dict(x) for x in batch.infos] if batch.infos else [{} for _ in range(b)],
+                 aborted, batch.dones.copy() | aborted)
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-  def prefill(tokens, valid):  # a fresh cache holding ``tokens``
-    cache = _empty_cache(model, rows, spec.cache_slots)
-    logits, cache = append(model, cache, *put((jnp.asarray(tokens), jnp.asarray(valid))))
-    return logits, cache
-
-  if not expert:
-    stop = put(np.tile(np.asarray(codec.stops, np.int32), (b, 1)))
-    if not spec.windowed:
-      logits, cache = prefill(prompt, prompt_valid)
-  for k in range(kk):
-    live = ~done
+  policy = None if sampling is None else _Policy(model, codec, rows, key, sampling)
+  if not spec.windowed:
+    ep.prompt, ep.prompt_valid = _right(
+        [codec.prompt(t, x) for t, x in zip(ep.tasks, ep.current)], spec.prompt_len, codec.pad)
+    if policy is not None:
+      policy.prefill(ep.prompt, ep.prompt_valid)
+  for k in range(spec.max_turns):
+    live = ~ep.done
     if not rows.any(live):  # (every process's rows: the model's calls run on all of them)
       break
-    if spec.windowed:  # this turn's own prompt
-      prompt[k], prompt_valid[k] = _right(
-          [codec.turn_prompt(tasks[i], current[i], history[i],
-                             batch.admissible[i] if batch.admissible else None)
-           if live[i] else [] for i in range(b)], spec.prompt_len, pad)
-    malformed = np.zeros(b, bool)
-    actions: list[str | None] = [None] * b
-    if expert:
-      noisy = np.zeros(b, bool)
-      for i in np.flatnonzero(live):
-        command = batch.expert[i] if batch.expert else None
-        choices = [a for a in (batch.admissible[i] if batch.admissible else []) if "<" not in a]
-        if choices and (command is None or rng.random() < expert_noise):
-          noisy[i] = True  # a random command (noise, or no expert here): not imitated
-          command = choices[rng.integers(len(choices))]
-        command = command or ""
-        ids, fits = codec.response(command)
-        if not fits:  # a cut command is not the one played: never imitate it
-          noisy[i] = True
-          logging.warning("expert command %r is longer than env.response_len=%d tokens: "
-                          "not imitated (raise response_len)", command, m)
-        resp[k, i, :len(ids)] = ids
-        resp_valid[k, i, :len(ids)] = True
-        imitate[k, i, :len(ids)] = not noisy[i]
-        actions[i] = command
-    else:
-      if spec.windowed:
-        logits, cache = prefill(prompt[k], prompt_valid[k])
-      out = decode(model, cache, logits, jax.random.fold_in(key, k), m, sampling,
-                   stop_tokens=stop, max_new=put(np.where(live, m, 0).astype(np.int32)),
-                   pad_id=pad)
-      cache, logits = out.cache, out.last_logits
-      toks, valid, logp = rows.get((out.tokens, out.valid, out.logprobs))
-      resp[k], resp_valid[k], imitate[k], resp_logp[k] = toks, valid, valid, logp
-      for i in np.flatnonzero(live):
-        command = codec.command(toks[i][valid[i]])
-        malformed[i] = command is None
-        actions[i] = command or ""
-    anchors[k] = [anchor_key(current[i]) if live[i] else -1 for i in range(b)]
-    batch = env.step(actions)
-    turns += live
-    flagged = np.array([bool(x.get("invalid", False)) for x in batch.infos] or [False] * b)
-    bad = invalid_turns(live, malformed, flagged)
-    invalid += bad.astype(np.int32)
-    format_errors += (live & malformed).astype(np.int32)
-    rewards[k] = turn_rewards(np.asarray(batch.rewards, np.float32), live, bad, invalid_penalty)
-    if batch.aborted is not None:
-      aborted |= batch.aborted & live
-    for i in np.flatnonzero(live):
-      if batch.infos and batch.infos[i]:
-        infos[i].update(batch.infos[i])
-      history[i].append((current[i], actions[i]))
-      current[i] = batch.observations[i]
-    now_done = batch.dones | aborted
-    going = live & ~now_done
-    done = done | now_done
-    if not spec.windowed:
-      answers = [codec.observation(batch.observations[i]) if going[i] else [] for i in range(b)]
-      obs[k], obs_valid[k] = _right(answers, o, pad)
-      if not expert and rows.any(~done) and k + 1 < kk:
-        logits, cache = append(model, cache, *put((obs[k], obs_valid[k])))
-  aborted |= padding
-  won = batch.wons.copy() & ~aborted
-  for i in range(b):
-    infos[i].update(format_errors=int(format_errors[i]), won=bool(won[i]), turns=int(turns[i]))
-    if padding[i]:
-      infos[i]["padding"] = True
-  fields = dict(rewards=rewards.sum(axis=0), won=won, num_turns=turns, invalid=invalid,
-                group_ids=group_ids, row_valid=~aborted, turn_rewards=rewards, anchors=anchors)
-  if spec.windowed:
-    traj = assemble_windowed(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp,
-                             **fields)
-  else:
-    traj = assemble(prompt, prompt_valid, resp, resp_valid, imitate, resp_logp, obs, obs_valid,
-                    **fields)
+    batch = _play_turn(ep, k, live, batch, env, codec, rows, policy, rng, expert_noise,
+                       invalid_penalty)
+  traj = ep.trajectory(batch.wons, group_ids, padding)
   if rows.multi:  # this process's rows -> the global batch
     traj = rows.put(jax.device_get(traj))
-  return traj, infos
+  return traj, ep.infos

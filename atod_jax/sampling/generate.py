@@ -170,7 +170,9 @@ def append_tokens(model: DecoderLM, cache: KVCache, tokens, valid):
 
 @Together
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _append(graphdef, state, cache, tokens, valid):
+def jit_append(graphdef, state, cache, tokens, valid):
+  """:func:`append` on a split model (``graphdef`` static, ``state`` its parameters), jitted
+  with the cache donated: the call the trainer's rollouts and the scaling plan make."""
   return append_tokens(nnx.merge(graphdef, state), cache, tokens, valid)
 
 
@@ -185,7 +187,7 @@ def append(model: DecoderLM, cache: KVCache, tokens: jax.Array, valid: jax.Array
   valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
   _check_room(cache, tokens.shape[1])
   graphdef, state = nnx.split(model)
-  return _append(graphdef, state, cache, tokens, valid)
+  return jit_append(graphdef, state, cache, tokens, valid)
 
 
 def decode_loop(model: DecoderLM, cache: KVCache, logits, key, max_new_tokens: int,
@@ -223,8 +225,10 @@ def decode_loop(model: DecoderLM, cache: KVCache, logits, key, max_new_tokens: i
 
 @Together
 @functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=(2,))
-def _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
-            max_new, pad_id):
+def jit_decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
+               max_new, pad_id):
+  """:func:`decode` on a split model, jitted with the cache donated (arguments already
+  arrays, no host checks)."""
   return decode_loop(nnx.merge(graphdef, state), cache, logits, key, max_new_tokens, params,
                      stop_tokens, max_new, pad_id)
 
@@ -264,7 +268,7 @@ def decode(
   max_new = (jnp.full((b,), max_new_tokens, jnp.int32) if max_new is None
              else jnp.minimum(jnp.asarray(max_new, jnp.int32), max_new_tokens))
   graphdef, state = nnx.split(model)
-  return _decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
+  return jit_decode(graphdef, state, cache, logits, key, max_new_tokens, params, stop_tokens,
                  max_new, jnp.int32(pad_id))
 
 

@@ -1,9 +1,9 @@
-"""``python -m atod_jax.plan --config configs/alfworld_qwen3.py --target v5e:2x4 \\
+"""``python -m atod_jax.scaling --config configs/alfworld_qwen3.py --target v5e:2x4 \\
     --student qwen3-0.6b --teacher qwen3-4b [--search]``
 
-The ahead-of-time memory and cost plan of a run (:mod:`atod_jax.train.plan`) on a TPU
+The ahead-of-time memory and cost plan of a run (:mod:`atod_jax.scaling.plan`) on a TPU
 topology, compiled here with the real TPU compiler (``pip install "jax[tpu]"``; no TPU
-needed). ``--student`` / ``--teacher``: a name of ``atod_jax.train.plan.MODELS``, an HF
+needed). ``--student`` / ``--teacher``: a name of ``atod_jax.scaling.plan.MODELS``, an HF
 directory or a GGUF file (default: the config's ``student.path`` / ``teacher.path``).
 Without ``--search`` it plans the config's mesh and ``optim.microbatches``; with it, it
 tries the meshes with every chip on the model axes and 1, 2 and 4 times the micro-batch
@@ -13,10 +13,12 @@ plan can be made.
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu need not look for a TPU here
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+if not os.environ.get("JAX_PLATFORMS"):  # the plan runs on this CPU; libtpu need not
+  jax.config.update("jax_platforms", "cpu")  # look for a TPU here, even on a TPU host
 
 _CONFIG = _TARGET = _STUDENT = _TEACHER = _SEARCH = None
 
@@ -38,7 +40,7 @@ def _define_flags():
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from atod_jax.train import plan as planner
+  from atod_jax.scaling import plan as planner
   config = _CONFIG.value
   student = _STUDENT.value or config.student.get("path", "")
   teacher = _TEACHER.value or config.teacher.get("path", "")

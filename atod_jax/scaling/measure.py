@@ -1,9 +1,9 @@
 """The plan's functions run for real: a config's training step, function by function, on
 this machine's devices, each call timed beside the plan's lower bound for it.
 
-:func:`measure` builds the calls :func:`atod_jax.train.plan.plan` compiles for a TPU
-topology (:func:`~atod_jax.train.plan.rollout_calls`,
-:func:`~atod_jax.train.plan.update_calls`: the same jitted functions the trainer calls,
+:func:`measure` builds the calls :func:`atod_jax.scaling.plan.plan` compiles for a TPU
+topology (:func:`~atod_jax.scaling.plan.rollout_calls`,
+:func:`~atod_jax.scaling.plan.update_calls`: the same jitted functions the trainer calls,
 with the same shardings), makes their arguments as arrays over a mesh of the local
 devices, and times each call after a warm-up. The arguments are the plan's worst case:
 random weights (the speed does not depend on them), every mask on, every sequence
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from atod_jax.train import plan as pl
+from atod_jax.scaling import plan as pl
 from atod_jax.train.steps import TrainState
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +197,10 @@ def measure(config, *, student: str, teacher: str, devices: Sequence | None = No
             keep: Callable[[str, object], None] = lambda name, out: None) -> Measurement:
   """Runs and times each function of ``config``'s training step on ``devices`` (default:
   all local ones). ``student`` / ``teacher`` and the mesh / micro-batch / optimizer
-  arguments as :func:`atod_jax.train.plan.plan`; ``keep(name, outputs)`` sees each
+  arguments as :func:`atod_jax.scaling.plan.plan`; ``keep(name, outputs)`` sees each
   function's last outputs."""
   devices = list(devices or jax.devices())
-  step = pl._setup(config, devices, student=student, teacher=teacher, data=data, fsdp=fsdp,
+  step = pl.setup_step(config, devices, student=student, teacher=teacher, data=data, fsdp=fsdp,
                    tensor=tensor, microbatches=microbatches, optimizer=optimizer,
                    where=f"{len(devices)} local devices")
   say(f"measuring the ceilings of {devices[0].device_kind}")

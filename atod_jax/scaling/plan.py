@@ -12,8 +12,8 @@ real TPU compiler (``libtpu``: ``pip install "jax[tpu]"``; it runs on a CPU-only
 * ``rollout/append``: the context layout's observation append;
 * ``score/teacher``, ``score/student``: :func:`~atod_jax.train.steps.score` of the
   update's batch by the teacher (and by the student when pi_old is recomputed);
-* ``advantages``: :func:`~atod_jax.train.methods.advantages`;
-* ``update``: :func:`~atod_jax.train.steps.policy_update` with its mini- and micro-batches.
+* ``update``: :func:`~atod_jax.train.steps.atod_update` (the advantages, then every
+  mini- and micro-batch of the surrogate).
 
 Per function it reports the per-chip bytes XLA allocates (arguments, temporaries,
 outputs, less the donated buffers it reuses) plus what stays resident on the chip
@@ -25,7 +25,7 @@ call at the chip's peak bf16 rate or its HBM bandwidth, whichever is slower.
 
 The shapes are the worst case: every episode plays ``env.max_turns`` turns and every
 sequence fills its slots. :func:`search` tries meshes and micro-batch counts until one
-fits; ``python -m atod_jax.plan`` is the command line.
+fits; ``python -m atod_jax.scaling`` is the command line.
 """
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ from atod_jax.models.decoder import KVCache
 from atod_jax.models.sharding import leaf_shardings, make_mesh
 from atod_jax.rollout.host import TextRollout
 from atod_jax.rollout.trajectory import Trajectory
-from atod_jax.sampling.generate import SamplingParams, _append, _decode
+from atod_jax.sampling.generate import SamplingParams, jit_append, jit_decode
 from atod_jax.train import methods, steps
-from atod_jax.train.steps import TrainState, init_state, make_optimizer
+from atod_jax.train.steps import init_state, make_optimizer
 from atod_jax.train.streams import Stream, key as stream_key
 
 GiB = 1 << 30
@@ -394,9 +394,9 @@ class _Step:
     self.graphdef, self.s_params = _params(self.s_cfg, self.mesh)
     self.t_graph, self.t_params = _params(
         self.t_cfg, self.mesh, "pinned_host" if self.config.teacher.get("offload") else None)
-    from atod_jax.train.loop import _state_shardings
+    from atod_jax.train.loop import train_state_shardings
     abstract = jax.eval_shape(lambda p: init_state(p, self.tx), self.s_params)
-    self.state = jax.tree.map(_on, abstract, _state_shardings(self.tx, abstract, self.mesh))
+    self.state = jax.tree.map(_on, abstract, train_state_shardings(self.tx, abstract, self.mesh))
     self.update = methods.make_update(self.config, self.config.method, self.graphdef,
                                       max_turns=self.spec.max_turns, optim=self.optim,
                                       tx=self.tx, mesh=self.mesh)
@@ -427,7 +427,7 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
   ``data`` / ``fsdp`` / ``tensor`` / ``microbatches`` / ``optimizer`` replace the config's
   ``mesh``, ``optim.microbatches`` and ``optim.optimizer``."""
   chip, devices = topology(target)
-  step = _setup(config, devices, student=student, teacher=teacher, data=data, fsdp=fsdp,
+  step = setup_step(config, devices, student=student, teacher=teacher, data=data, fsdp=fsdp,
                 tensor=tensor, microbatches=microbatches, optimizer=optimizer, where=target)
   mesh, optim, spec = step.mesh, step.optim, step.spec
   s_cfg, t_cfg = step.s_cfg, step.t_cfg
@@ -451,7 +451,7 @@ def plan(config, target: str, *, student: str, teacher: str, data: int | None = 
               teacher, rows, notes + [note], optim.optimizer)
 
 
-def _setup(config, devices, *, student: str | ModelConfig, teacher: str | ModelConfig,
+def setup_step(config, devices, *, student: str | ModelConfig, teacher: str | ModelConfig,
            data=None, fsdp=None, tensor=None, microbatches=None, optimizer=None,
            where: str = "") -> "_Step":
   """A config's step as abstract arrays sharded over a mesh of ``devices`` (``where``
@@ -484,7 +484,7 @@ def _setup(config, devices, *, student: str | ModelConfig, teacher: str | ModelC
 class Call:
   """One jitted function of a training step with its arguments as sharded
   ``ShapeDtypeStruct`` (or static values): what :func:`plan` compiles and
-  :mod:`atod_jax.train.measure` runs."""
+  :mod:`atod_jax.scaling.measure` runs."""
 
   name: str
   fn: Callable
@@ -514,7 +514,7 @@ def rollout_calls(step: _Step) -> list[Call]:
   cache = _batched(cache, step.mesh)._replace(
       index=_on(cache.index, NamedSharding(step.mesh, P())))
   p_len = spec.prompt_len
-  out = [Call("rollout/prefill", _append,
+  out = [Call("rollout/prefill", jit_append,
               (step.graphdef, step.s_params, cache, step.batched((n, p_len), jnp.int32),
                step.batched((n, p_len), jnp.bool_)), {}, k if spec.windowed else 1, beside,
               forward_flops(s_cfg, n * p_len, n * p_len * slots, n))]
@@ -523,7 +523,7 @@ def rollout_calls(step: _Step) -> list[Call]:
   per_token_read = s_bytes + _bytes_per_chip((cache.keys, cache.values))
   # run for real: no stop token matches (-1) and every row may take all M tokens, the
   # worst case the plan compiles for
-  out.append(Call("rollout/decode", _decode,
+  out.append(Call("rollout/decode", jit_decode,
                   (step.graphdef, step.s_params, cache,
                    step.batched((n, s_cfg.vocab_size), jnp.float32), key, m_len,
                    SamplingParams(temperature=step.config.rollout.temperature),
@@ -533,7 +533,7 @@ def rollout_calls(step: _Step) -> list[Call]:
                   fills={7: -1, 8: m_len}, tokens=n * m_len))
   if not spec.windowed and spec.obs_len:
     o = spec.obs_len
-    out.append(Call("rollout/append", _append,
+    out.append(Call("rollout/append", jit_append,
                     (step.graphdef, step.s_params, cache, step.batched((n, o), jnp.int32),
                      step.batched((n, o), jnp.bool_)), {}, k - 1, beside,
                     forward_flops(s_cfg, n * o, n * o * slots, n)))
@@ -561,21 +561,18 @@ def update_calls(step: _Step) -> tuple[list[Call], str]:
                     forward_flops(s_cfg, tokens, pairs, tokens)))
   per_token = jax.ShapeDtypeStruct(batch.tokens.shape, jnp.float32,
                                    sharding=batch.tokens.sharding)
-  if update.advantage is not None:
-    out.append(Call("advantages", methods.jit_advantages,
-                    (batch, per_token, jnp.float32(1.0), jnp.float32(1.0), update.advantage), {},
-                    1, state_bytes + t_bytes, 0.0))
   distill = update.distill
   key = jax.eval_shape(lambda: stream_key(0, Stream.SHUFFLE, 0))
   passes = 4 if s_cfg.remat else 3  # forward, backward (2x), the remat's second forward
   flops = step.optim.epochs * passes * forward_flops(s_cfg, tokens, pairs, tokens)
   if distill:
     flops += step.optim.epochs * forward_flops(t_cfg, tokens, pairs, tokens)
-  out.append(Call("update", steps.jit_policy_update,
-                  (step.graphdef, step.tx, step.state, batch, per_token, key, update.loss, walk,
-                   distill, step.t_graph if distill else None,
-                   step.t_params if distill else None,
-                   per_token if distill else step.batched((step.rows,), jnp.float32)), {},
+  spec = steps.UpdateSpec(step.graphdef, step.tx, walk, update.loss, update.advantage, distill,
+                          step.t_graph if distill else None)
+  one = jnp.float32(1.0)
+  out.append(Call("update", steps.jit_atod_update,
+                  (spec, step.state, batch, key, per_token, one, one,
+                   step.t_params if distill else None), {},
                   1, 0 if distill else t_bytes, flops))
   note = (f"sequences sliced as run: teacher scoring in {chunks} chunks, each "
           f"mini-batch's gradient in {walk.microbatches} slices")

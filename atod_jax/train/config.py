@@ -67,7 +67,7 @@ def _validate_numbers(config) -> None:
   splits = config.eval.report_splits
   _need(isinstance(splits, (tuple, list)) and all(isinstance(x, str) and x for x in splits),
         "eval.report_splits", f"must be a list of split names, got {splits!r}")
-  _need(isinstance(config.eval.get("kl", True), bool), "eval.kl",
+  _need(isinstance(config.eval.kl, bool), "eval.kl",
         f"must be True or False, got {config.eval.get('kl')!r}")
   _need(config.eval.select_split not in splits, "eval.select_split",
         f"{config.eval.select_split!r} is also a report split: choose on another")
@@ -95,7 +95,7 @@ def _validate_device_env(config) -> None:
 def _validate_models(config) -> None:
   _choice(config, "student.init", STUDENT_INITS)
   _choice(config, "teacher.source", TEACHER_SOURCES)
-  if not isinstance(config.teacher.get("offload", False), bool):
+  if not isinstance(config.teacher.offload, bool):
     raise ConfigError(f"config.teacher.offload: must be True or False, got "
                       f"{config.teacher.offload!r}")
   if config.teacher.source == "build":
@@ -113,7 +113,7 @@ def _validate_models(config) -> None:
           f"missing (student.init={config.student.init!r}, method={config.method!r})")
     _fraction(config, "student.sft.expert_noise")
   teacher_kind, teacher_path = config.teacher.source, "teacher.path"
-  if teacher_kind == "build" and config.teacher.build.get("init", "fresh") != "fresh":
+  if teacher_kind == "build" and config.teacher.build.init != "fresh":
     # built from a pretrained start: teacher.model overrides the start's config
     teacher_kind, teacher_path = config.teacher.build.init, "teacher.build.init_path"
   for who, kind, where in (("student", config.student.init, "student.path"),
@@ -193,7 +193,7 @@ def _validate_text_env(config) -> None:
     _choice(config, "env.layout", LAYOUTS)
   if "history" in e:
     _positive(config, "env.history", zero_ok=True)
-  if e.get("layout", "context") == "context":  # windowed: observations sit in each
+  if e.layout == "context":  # windowed: observations sit in each
     _positive(config, "env.obs_len")  # turn's prompt
   _need("options" in e, "env.options", "missing (a dict of the environment's arguments)")
   if e.tokenizer == "build":

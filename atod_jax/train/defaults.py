@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from atod_jax.train import methods
-
 
 def tiny_model(hidden: int, layers: int, heads: int, ffn: int, vocab: int = 128) -> dict:
   """A CPU-sized Qwen3-shaped model, f32. Few, wide heads: on a CPU the attention
@@ -34,6 +32,30 @@ def tiny_model(hidden: int, layers: int, heads: int, ffn: int, vocab: int = 128)
               param_dtype="float32")
 
 
+def objective() -> dict:
+  """The ``objective`` section: the paper's (kappa 1 -> 0.1 and rho 1 -> 2 linearly over
+  80 steps, GRPO group advantages, soft-OR T-DUR, clip 0.2, the sequence-mean
+  token-mean loss)."""
+  return dict(
+      estimator="grpo",  # group advantages: objectives.ESTIMATORS
+      tdur_mode="soft_or",  # T-DUR turn weights: objectives.MODES
+      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape (objectives.SHAPES or
+      # "adaptive": the anneal starts when the smoothed disagreement stops falling) and length
+      # adaptive: window W, EMA decay (TIDE's) and the fall over W that counts as flat
+      handoff_window=10, handoff_decay=0.9, handoff_tol=0.05,
+      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
+      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
+      aggregation="seq_mean_token_mean",  # objectives.AGGREGATIONS
+      rl_advantage="episode",  # the RL term: episode | gigpo (GiGPO's step-level groups)
+      gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
+      gigpo_norm="mean",  # GiGPO step groups: mean (verl-agent's mean_norm) | std
+      opd_signal="sampled",  # the distillation term: sampled | full_vocab (GKD's divergence)
+      opd_clip=0.0,  # sampled signal clamped to [-c, c] (0: off, the paper's form)
+      divergence_beta=0.5,  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
+      behaviour_logp="sampler")  # pi_old: the sampler's log-probs | recompute (a training
+      # forward before the update, as verl does; see experiments/behaviour_gap.py)
+
+
 def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   """Everything but ``env``, ``teacher`` and ``student``: the paper's objective (kappa
   1 -> 0.1 and rho 1 -> 2 linearly over 80 steps, clip 0.2, the sequence-mean token-mean
@@ -43,7 +65,7 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
   c.seed = seed
   c.method = method  # a name of atod_jax.train.methods.METHODS
   c.rollout = dict(tasks_per_step=8, group_size=8, temperature=1.0)
-  c.objective = methods.objective_defaults()  # every field documented there
+  c.objective = objective()
   c.optim = dict(optimizer="adamw",  # or "adafactor" (factored, no moments: less memory)
                  learning_rate=5e-4, warmup_steps=5, b1=0.9, b2=0.999, weight_decay=0.0,
                  max_grad_norm=1.0,  # 0: no clipping
@@ -65,11 +87,9 @@ def base(method: str = "atod", seed: int = 0) -> ml_collections.ConfigDict:
 
 # verl-agent's ratio: its scripts charge an invalid turn 0.1 (invalid_action_penalty_coef)
 # against a success reward of 10 (ALFWorld, WebShop, ScienceWorld: 10 * won); every
-# environment here rewards a success with 1, so the same ratio is 0.01. (0.1 against 1,
-# the default until 2026-12-03, lets a 30-turn episode's penalties outweigh its success:
-# in one run on the long household preset the RL term then traded success for valid
-# turns; experiments/RESULTS.md. 0.01 still allows that trade where the policy almost
-# never succeeds: a long-preset seed at 6% success ended at 0.)
+# environment here rewards a success with 1, so the same ratio is 0.01. A larger penalty
+# lets a 30-turn episode's penalties outweigh its success, and the RL term then trades
+# success for valid turns (experiments/RESULTS.md, the long household preset).
 INVALID_PENALTY = 0.01
 
 
@@ -86,13 +106,15 @@ def text_env(kind: str, *, max_turns: int, train_split: str, eval_split: str,
              **more) -> dict:
   """A real environment through the worker pool. ``tokenizer``: ``build`` (a ``vocab``-
   token BPE trained on expert episodes, cached beside the teacher), ``student`` (the HF
-  student's) or a directory. ``more``: ``layout`` (``context`` | ``window``),
-  ``history``, ``workers``, ``step_timeout``, ``eval_batch``, ..."""
+  student's) or a directory. ``layout``: ``context`` (one growing context) or ``window``
+  (the paper's prompt re-rendered each turn with the last ``history`` turns). ``more``
+  overrides any of them (``workers``, ``step_timeout``, ``eval_batch``, ...)."""
   return dict(dict(kind=kind, max_turns=max_turns, prompt_len=prompt_len,
                    response_len=response_len, obs_len=obs_len, workers=2, step_timeout=120.0,
                    train_split=train_split, eval_split=eval_split, eval_batch=16,
                    tokenizer=tokenizer, vocab_size=vocab, tokenizer_episodes=32,
-                   invalid_penalty=INVALID_PENALTY, options=options or {}), **more)
+                   invalid_penalty=INVALID_PENALTY, options=options or {},
+                   layout="context", history=2), **more)
 
 
 def built_teacher(model: dict, *, cache_dir: str = "", **build) -> dict:
@@ -134,25 +156,6 @@ def student_from(kind: str = "hf", path: str = "", **model_fields) -> dict:
   return dict(init=kind, path=path, model=model_fields)
 
 
-def quickstart() -> ml_collections.ConfigDict:
-  """``configs/quickstart.py``: ATOD on the easy household preset, a 3-layer teacher the
-  run builds (300 steps of behaviour cloning on 2,048 noise-injected expert episodes,
-  keeping its best parameters on new training tasks) and a 2-layer student
-  warm-started on 64, 100 steps of 8 tasks x 8 rollouts, the hand-off over the first
-  50."""
-  c = base("atod")
-  c.env = household_env("easy", obs_len=24)
-  # 512 episodes / 150 steps left one build seed in three at 0.04-0.09 held-out success
-  # (memorised demonstrations); 2,048 / 300 gave 1.0 on every seed tried
-  # (experiments/teacher_seeds.py)
-  c.teacher = built_teacher(tiny_model(128, 3, 2, 384), demo_episodes=2048, sft_steps=300)
-  c.student = warm_started_student(tiny_model(64, 2, 2, 192), demo_episodes=64, steps=200)
-  c.objective.anneal_steps = 50
-  # choose student_best on new tasks of the training goals; report on held-out goals
-  c.eval.select_split = "train"
-  return c
-
-
 def tiny_text_run(kind: str, *, vocab: int = 1024, **env) -> ml_collections.ConfigDict:
   """The CPU-sized settings of the ``*_tiny`` configs: ATOD on a real environment with
   tiny models, a ``vocab``-token BPE tokenizer trained on expert episodes, a teacher
@@ -191,7 +194,7 @@ def paper_run(env: dict) -> ml_collections.ConfigDict:
   # f32 keeps the sampler's (1e-6 apart). experiments/behaviour_gap.py measures it.
   c.objective.behaviour_logp = "recompute"
   # parameters and optimizer state split over every device: what the ahead-of-time plan
-  # fits on v5e-8 / v6e-8 / v5p-8 (docs/scaling.md: python -m atod_jax.plan)
+  # fits on v5e-8 / v6e-8 / v5p-8 (docs/scaling.md: python -m atod_jax.scaling)
   c.mesh.update(data=1, fsdp=-1)
   c.train.update(steps=150, keep_checkpoints=2)
   c.eval.update(episodes=140, greedy=False)

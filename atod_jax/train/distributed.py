@@ -46,7 +46,7 @@ def initialize(distributed=None) -> bool:
   d = dict(distributed or {})
   coordinator = d.get("coordinator") or None
   processes = d.get("num_processes") or None
-  process_id = d.get("process_id", -1)
+  process_id = d.get("process_id")
   process_id = None if process_id is None or process_id < 0 else int(process_id)
   if not (coordinator or (processes or 1) > 1 or _multi_process_environment()):
     return False

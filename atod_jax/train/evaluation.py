@@ -25,7 +25,7 @@ from atod_jax.train import distributed
 
 def report_splits(eval_config) -> list[str | None]:
   """The report splits (``None``: the environment's evaluation split)."""
-  return list(eval_config.get("report_splits", ())) or [None]
+  return list(eval_config.report_splits) or [None]
 
 
 def selection_key(eval_config) -> str:
@@ -42,7 +42,7 @@ def evaluate(eval_config, graphdef, params, source, teacher: tuple | None = None
   ``kl_reverse_turn<k>``: :func:`~atod_jax.train.steps.kl_metrics`), the measure of
   imitation that is not a training signal."""
   e = eval_config
-  teacher = teacher if e.get("kl", True) else None
+  teacher = teacher if e.kl else None
   run = lambda split, temperature: source.evaluate(  # noqa: E731
       graphdef, params, episodes=e.episodes, temperature=temperature, seed=e.seed, split=split,
       **({} if teacher is None else {"teacher": teacher}))

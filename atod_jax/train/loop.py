@@ -176,7 +176,7 @@ def prepare_teacher(run: Run) -> None:
                                                    info, run.workdir)
   run.say(f"teacher: held-out success {run.teacher_metrics['eval/success']:.3f} "
           f"(T={run.config.eval.temperature})")
-  if run.config.teacher.get("offload", False):
+  if run.config.teacher.offload:
     # evaluated on the devices (its rollout decodes token by token), then moved to the
     # host before the student's state exists: its scoring copies one layer at a time
     params = place(params, leaf_shardings(params, run.mesh, memory_kind="pinned_host"))
@@ -185,7 +185,7 @@ def prepare_teacher(run: Run) -> None:
   run.teacher = (graphdef, params)
 
 
-def _state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:
+def train_state_shardings(tx, state_shapes: TrainState, mesh) -> TrainState:
   """Parameters by the logical-axis rules; the optimizer's copies of the parameter tree
   (AdamW's moments) like the parameters; everything else (counts, the step, Adafactor's
   factored rows and columns, which are not parameter-shaped) replicated."""
@@ -213,7 +213,7 @@ def restore_or_init(run: Run, tx, ckpt_dir: str) -> tuple[TrainState, int | None
   run.graphdef, shapes = model_io.abstract(run.model_cfg)
   handoff = methods.initial_handoff(run.config)
   abstract = jax.eval_shape(lambda p: init_state(p, tx, handoff), shapes)
-  shardings = _state_shardings(tx, abstract, run.mesh)
+  shardings = train_state_shardings(tx, abstract, run.mesh)
   target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         abstract, shardings)
   restored = _restore_newest(ckpt_dir, target, run.say)
@@ -276,7 +276,7 @@ def run_step(run: Run, state: TrainState, step: int) -> tuple[TrainState, dict]:
   valid = traj.row_valid.astype(jnp.float32)  # episodes lost to a worker do not count
   per_episode = jnp.sum(traj.invalid * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   metrics = dict(summarize(traj), generated_tokens=traj.num_tokens,
-                 invalid_penalty=config.env.get("invalid_penalty", 0.0) * per_episode)
+                 invalid_penalty=config.env.invalid_penalty * per_episode)
   if run.demos is not None:  # supervised: a batch of the expert episodes
     idx = jax.random.choice(key(config.seed, Stream.SFT_PICK, step), run.demos.tokens.shape[0],
                             (_rows(config),), replace=False)

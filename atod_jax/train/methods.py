@@ -2,18 +2,17 @@
 
 A :class:`Method` is a record: how the OPD and RL terms are weighted over the steps
 (kappa(s), rho(s)), which T-DUR turn weights it uses, whether it needs the teacher and
-groups of rollouts, and what kind of update it makes. :func:`advantages` composes a
-method's per-token advantages; :func:`make_update` turns a method and the config into
+groups of rollouts, and what kind of update it makes. :func:`make_update` turns a method and the config into
 an :class:`Update`, the callable that takes a batch to the next train state. The main
 loop, the teacher's GRPO phase and behaviour cloning (the teacher's build, the
 student's warm start, the ``sft`` baseline) all go through it. The ``objective`` section
-of the config is read here only: :func:`objective_defaults` gives its fields and
-:func:`validate_objective` checks them.
+of the config is read here only (its fields and defaults:
+:func:`atod_jax.train.defaults.objective`); :func:`validate_objective` checks them.
 
 Adding a method: one entry in :data:`METHODS`; a new term adds its settings to
-:func:`objective_defaults` / :func:`validate_objective`, its math to
-:mod:`atod_jax.objectives` and its use to :func:`advantages` (or, for a loss term, to
-:mod:`atod_jax.train.steps`).
+:func:`atod_jax.train.defaults.objective` / :func:`validate_objective`, its math to
+:mod:`atod_jax.objectives` and its use to :func:`atod_jax.train.steps.advantages` (or, for a loss term, to
+:func:`atod_jax.train.steps.policy_update`).
 """
 from __future__ import annotations
 
@@ -22,14 +21,12 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
 from atod_jax import objectives as obj
-from atod_jax.models.sharding import Together
 from atod_jax.objectives.schedules import AnnealingSchedules, annealing_schedules
-from atod_jax.rollout.trajectory import Trajectory, flat, trained_mask
+from atod_jax.rollout.trajectory import Trajectory
 from atod_jax.train import steps
 from atod_jax.train.checks import choice, need, number
 
@@ -89,30 +86,6 @@ OPD_SIGNALS = ("sampled", "full_vocab")
 BEHAVIOUR_LOGPS = ("sampler", "recompute")
 
 
-def objective_defaults() -> dict:
-  """The ``objective`` section: the paper's (kappa 1 -> 0.1 and rho 1 -> 2 linearly over
-  80 steps, GRPO group advantages, soft-OR T-DUR, clip 0.2, the sequence-mean
-  token-mean loss)."""
-  return dict(
-      estimator="grpo",  # group advantages: objectives.ESTIMATORS
-      tdur_mode="soft_or",  # T-DUR turn weights: objectives.MODES
-      schedule="linear", anneal_steps=80,  # kappa(s), rho(s): shape (objectives.SHAPES or
-      # "adaptive": the anneal starts when the smoothed disagreement stops falling) and length
-      # adaptive: window W, EMA decay (TIDE's) and the fall over W that counts as flat
-      handoff_window=10, handoff_decay=0.9, handoff_tol=0.05,
-      kappa_init=1.0, kappa_min=0.1, rho_init=1.0, rho_max=2.0,
-      clip_eps=0.2, clip_eps_high=0.0, dual_clip=0.0,  # 0: off (clip_eps_high 0: = clip_eps)
-      aggregation="seq_mean_token_mean",  # objectives.AGGREGATIONS
-      rl_advantage="episode",  # the RL term: episode | gigpo (GiGPO's step-level groups)
-      gigpo_gamma=0.95, gigpo_weight=1.0,  # GiGPO: step-return discount, step-term weight
-      gigpo_norm="mean",  # GiGPO step groups: mean (verl-agent's mean_norm) | std
-      opd_signal="sampled",  # the distillation term: sampled | full_vocab (GKD's divergence)
-      opd_clip=0.0,  # sampled signal clamped to [-c, c] (0: off, the paper's form)
-      divergence_beta=0.5,  # full_vocab: 0 forward KL(T||S), 1 reverse KL(S||T), else JSD
-      behaviour_logp="sampler")  # pi_old: the sampler's log-probs | recompute (a training
-      # forward before the update, as verl does; see experiments/behaviour_gap.py)
-
-
 def validate_objective(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`~atod_jax.train.checks.ConfigError` (one line) for a bad ``objective`` field or a method
   the rollout cannot feed."""
@@ -149,63 +122,6 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
     need(config.rollout.group_size >= 2, "rollout.group_size",
          f"must be >= 2 for method {config.method!r} (group advantages need a group), "
          f"got {config.rollout.group_size}")
-
-
-class AdvantageSpec(NamedTuple):
-  """What a method's per-token advantages are made of (static; see
-  :func:`advantages`)."""
-
-  tdur_mode: str
-  estimator: str
-  num_groups: int
-  max_turns: int
-  rl: str = "episode"  # RL_ADVANTAGES
-  gigpo: tuple[float, float, str] = (0.95, 1.0, "mean")  # gamma, step weight, norm
-  signal: str = "sampled"  # OPD_SIGNALS
-  opd_clip: float = 0.0  # the sampled signal clamped to [-c, c]; 0: off
-
-
-def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
-  """The ATOD per-token advantages (``traj.tokens``' shape), the per-token weights of the
-  full-vocabulary term (None unless ``spec.signal = "full_vocab"``) and diagnostics.
-
-  ``adv = kappa * w_k * (log pi_T - log pi_old) + rho * A``. ``A`` is the episode's group
-  advantage ``A_i``, or with ``spec.rl = "gigpo"`` GiGPO's ``A_i + omega * A^S_{i,k}``
-  (the step-level advantage of the turn's anchor-state group). With the full-vocabulary
-  signal the first term leaves the advantage and ``kappa * w_k`` weighs the divergence
-  loss instead. Everything per trajectory (T-DUR's weights, the token means) sees the
-  whole row."""
-  mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
-  teacher_logp = flat(teacher_logp)
-  raw = obj.opd_signal(teacher_logp, behaviour, mask)
-  dlogp = obj.opd_signal(teacher_logp, behaviour, mask, clip=spec.opd_clip or None)
-  weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
-                             mode=spec.tdur_mode, max_turns=spec.max_turns)
-  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
-                                valid=traj.row_valid)
-  tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
-  metrics = {"kappa": kappa, "rho": rho, "opd_signal": tok(raw), "turn_weight": tok(weights),
-             "disagreement": tok(jnp.abs(raw)), "uncertainty": tok(-behaviour),
-             "opd_clipped": tok((dlogp != raw).astype(jnp.float32)),
-             "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
-  rl = a_traj
-  if spec.rl == "gigpo":
-    gamma, omega, norm = spec.gigpo
-    a_step = obj.step_advantages(traj.turn_rewards, traj.anchors, traj.group_ids,
-                                 traj.num_turns, gamma=gamma, norm=norm, valid=traj.row_valid)
-    step_tok = obj.turn_values(a_step, flat(traj.turn_ids))
-    rl = a_traj[:, None] + omega * step_tok
-    metrics["abs_step_adv"] = tok(jnp.abs(step_tok))
-  distill = None
-  if spec.signal == "full_vocab":
-    distill = (kappa * weights * mask).reshape(traj.tokens.shape)
-    kappa = 0.0
-  adv = obj.atod_advantages(dlogp, weights, rl, mask, kappa, rho)
-  return adv.reshape(traj.tokens.shape), distill, metrics
-
-
-jit_advantages = Together(jax.jit(advantages, static_argnums=(4,)))
-jit_handoff_update = Together(jax.jit(obj.handoff_update, static_argnums=(2, 3)))
 
 
 def schedules(config: ml_collections.ConfigDict, method: Method) -> AnnealingSchedules:
@@ -261,7 +177,7 @@ class Update:
   graphdef: Any
   tx: optax.GradientTransformation
   sched: AnnealingSchedules
-  advantage: AdvantageSpec | None
+  advantage: steps.AdvantageSpec | None
   loss: steps.PolicyLoss
   walk: steps.Batches
   score_chunks: int = 1
@@ -313,7 +229,8 @@ class Update:
     recomputed pi_old) and ``seconds/update`` (advantages and the optimizer steps)."""
     t0 = time.perf_counter()
     if self.method.update == "supervised":
-      state, upd = steps.jit_sft_update(self.graphdef, self.tx, state, batch, key, self.walk)
+      spec = steps.UpdateSpec(self.graphdef, self.tx, self.walk)
+      state, upd = steps.jit_atod_update(spec, state, batch, key)
       jax.block_until_ready(upd)
       return state, {**upd, "seconds/score": 0.0, "seconds/update": time.perf_counter() - t0}
     chunks, walk = self.slicing(batch)
@@ -329,21 +246,16 @@ class Update:
       teacher_logp = batch.behaviour_logp
     jax.block_until_ready((teacher_logp, batch.behaviour_logp))
     t1 = time.perf_counter()
-    kappa, rho = self.weights(state)
-    adv, weights, metrics = jit_advantages(batch, teacher_logp, kappa, rho, self.advantage)
-    handoff = state.handoff
-    if self.handoff is not None:  # this step's disagreement folded in (TIDE's trigger)
-      handoff = jit_handoff_update(handoff, metrics["disagreement"], self.handoff.decay,
-                                   self.handoff.tol)
-      metrics = {**metrics, "handoff_ema": handoff.ema, "handoff_start": handoff.start}
     t_graph, t_params = teacher if self.distill is not None else (None, None)
-    state, upd = steps.jit_policy_update(self.graphdef, self.tx, state, batch, adv, key,
-                                         self.loss, walk, self.distill, t_graph, t_params,
-                                         weights)
+    spec = steps.UpdateSpec(self.graphdef, self.tx, walk, self.loss, self.advantage,
+                            self.distill, t_graph,
+                            None if self.handoff is None else (self.handoff.decay,
+                                                               self.handoff.tol))
+    kappa, rho = self.weights(state)
+    state, upd = steps.jit_atod_update(spec, state, batch, key, teacher_logp, kappa, rho,
+                                       t_params)
     jax.block_until_ready(upd)
-    state = state._replace(handoff=handoff)
-    return state, {**metrics, **upd, "seconds/score": t1 - t0,
-                   "seconds/update": time.perf_counter() - t1}
+    return state, {**upd, "seconds/score": t1 - t0, "seconds/update": time.perf_counter() - t1}
 
 
 def make_update(config: ml_collections.ConfigDict, method: str | Method, graphdef, *,
@@ -355,11 +267,11 @@ def make_update(config: ml_collections.ConfigDict, method: str | Method, graphde
   m = METHODS[method] if isinstance(method, str) else method
   o, r = config.objective, config.rollout
   optim = optim or config.optim
-  micro = optim.get("microbatches", 1)
+  micro = optim.microbatches
   advantage, distill = None, None
   if m.update == "policy":
     signal = m.signal or o.opd_signal
-    advantage = AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns,
+    advantage = steps.AdvantageSpec(m.tdur or o.tdur_mode, o.estimator, r.tasks_per_step, max_turns,
                               m.rl or o.rl_advantage,
                               (o.gigpo_gamma, o.gigpo_weight, o.gigpo_norm), signal,
                               float(o.opd_clip))

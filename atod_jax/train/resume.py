@@ -83,7 +83,7 @@ def check(workdir: str, config, what: str = "") -> list[str]:
   unless ``train.resume = "force"``; returns the differing fields (empty: the same run,
   or nothing to resume)."""
   path = os.path.join(workdir, "config.json")
-  mode = config.train.get("resume", "")
+  mode = config.train.resume
   if mode not in RESUME_MODES:
     raise ConfigError(f"config.train.resume: must be '' (resume only the same run) or "
                       f"'force', got {mode!r}")

@@ -139,7 +139,7 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   16 GB chips, see docs/scaling.md). ``b1`` / ``b2`` are AdamW's."""
   lr = optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps) \
       if optim.warmup_steps else optim.learning_rate
-  name = optim.get("optimizer", "adamw")
+  name = optim.optimizer
   if name == "adamw":
     opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)
   elif name == "adafactor":
@@ -351,6 +351,59 @@ def kl_metrics(sums: dict) -> dict[str, float]:
   return out
 
 
+class AdvantageSpec(NamedTuple):
+  """What a method's per-token advantages are made of (static; see
+  :func:`advantages`)."""
+
+  tdur_mode: str
+  estimator: str
+  num_groups: int
+  max_turns: int
+  rl: str = "episode"  # methods.RL_ADVANTAGES
+  gigpo: tuple[float, float, str] = (0.95, 1.0, "mean")  # gamma, step weight, norm
+  signal: str = "sampled"  # methods.OPD_SIGNALS
+  opd_clip: float = 0.0  # the sampled signal clamped to [-c, c]; 0: off
+
+
+def advantages(traj: Trajectory, teacher_logp: jax.Array, kappa, rho, spec: AdvantageSpec):
+  """The ATOD per-token advantages (``traj.tokens``' shape), the per-token weights of the
+  full-vocabulary term (None unless ``spec.signal = "full_vocab"``) and diagnostics.
+
+  ``adv = kappa * w_k * (log pi_T - log pi_old) + rho * A``. ``A`` is the episode's group
+  advantage ``A_i``, or with ``spec.rl = "gigpo"`` GiGPO's ``A_i + omega * A^S_{i,k}``
+  (the step-level advantage of the turn's anchor-state group). With the full-vocabulary
+  signal the first term leaves the advantage and ``kappa * w_k`` weighs the divergence
+  loss instead. Everything per trajectory (T-DUR's weights, the token means) sees the
+  whole row."""
+  mask, behaviour = trained_mask(traj), flat(traj.behaviour_logp)
+  teacher_logp = flat(teacher_logp)
+  raw = obj.opd_signal(teacher_logp, behaviour, mask)
+  dlogp = obj.opd_signal(teacher_logp, behaviour, mask, clip=spec.opd_clip or None)
+  weights = obj.tdur_weights(behaviour, teacher_logp, flat(traj.turn_ids), mask,
+                             mode=spec.tdur_mode, max_turns=spec.max_turns)
+  a_traj = obj.group_advantages(traj.rewards, traj.group_ids, spec.num_groups, spec.estimator,
+                                valid=traj.row_valid)
+  tok = lambda x: obj.aggregate_tokens(x, mask, "token_mean")  # noqa: E731
+  metrics = {"kappa": kappa, "rho": rho, "opd_signal": tok(raw), "turn_weight": tok(weights),
+             "disagreement": tok(jnp.abs(raw)), "uncertainty": tok(-behaviour),
+             "opd_clipped": tok((dlogp != raw).astype(jnp.float32)),
+             "abs_group_adv": jnp.mean(jnp.abs(a_traj))}
+  rl = a_traj
+  if spec.rl == "gigpo":
+    gamma, omega, norm = spec.gigpo
+    a_step = obj.step_advantages(traj.turn_rewards, traj.anchors, traj.group_ids,
+                                 traj.num_turns, gamma=gamma, norm=norm, valid=traj.row_valid)
+    step_tok = obj.turn_values(a_step, flat(traj.turn_ids))
+    rl = a_traj[:, None] + omega * step_tok
+    metrics["abs_step_adv"] = tok(jnp.abs(step_tok))
+  distill = None
+  if spec.signal == "full_vocab":
+    distill = (kappa * weights * mask).reshape(traj.tokens.shape)
+    kappa = 0.0
+  adv = obj.atod_advantages(dlogp, weights, rl, mask, kappa, rho)
+  return adv.reshape(traj.tokens.shape), distill, metrics
+
+
 def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Array, key,
                   loss: PolicyLoss, walk: Batches, distill: Distill | None = None,
                   teacher_graph=None, teacher_params=None, distill_weights=None):
@@ -385,16 +438,11 @@ def policy_update(graphdef, tx, state: TrainState, traj: Trajectory, adv: jax.Ar
           model, nnx.merge(teacher_graph, teacher_params), seq["tokens"], seq["valid"],
           loss.temperature, distill)
     w, w_mean = seq["w"], seq["w_mean"]
-    on = w_mean > 0
-    t = obj.clipped_token_terms(logp, seq["old"], seq["adv"], on, loss.clip_eps,
+    t = obj.clipped_token_terms(logp, seq["old"], seq["adv"], w_mean > 0, loss.clip_eps,
                                 clip_eps_high=loss.clip_eps_high or None,
                                 dual_clip=loss.dual_clip or None)
-    value = obj.weighted_sum(t.loss, w)
-    metrics = {"clip_fraction": obj.weighted_sum(t.clip_active, w_mean),
-               "dual_clip_fraction": obj.weighted_sum(t.dual_active, w_mean),
-               "approx_kl": obj.weighted_sum(t.ratio - 1.0 - t.log_ratio, w_mean),
-               "ratio_mean": obj.weighted_sum(t.ratio, w_mean),
-               "ratio_max": jnp.max(jnp.where(on, t.ratio, -jnp.inf), initial=0.0)}
+    value = obj.weighted_sum(t.loss, w)  # clipped_policy_loss's terms, weighted sums
+    metrics = obj.clip_metrics(t, w_mean)
     if distill is not None:
       term = obj.weighted_sum(seq["dw"] * div, w)
       value = value + term
@@ -416,12 +464,47 @@ def sft_update(graphdef, tx, state: TrainState, traj: Trajectory, key, walk: Bat
   return _minibatch_update(loss_fn, tx, state, traj, key, walk)
 
 
-# Jitted entry points: the model structure, the optimizer and the settings records are
-# static; the state is donated (updated in place). Together: a multi-process run's
-# processes start each newly compiled program together.
-jit_policy_update = Together(jax.jit(policy_update, static_argnums=(0, 1, 6, 7, 8, 9),
-                                     donate_argnums=(2,)))
-jit_sft_update = Together(jax.jit(sft_update, static_argnums=(0, 1, 5), donate_argnums=(2,)))
+class UpdateSpec(NamedTuple):
+  """What is static about one update (hashable: :data:`jit_atod_update` compiles once a
+  spec and batch shape). ``loss=None``: behaviour cloning (the ``sft`` method, the
+  student's warm start, the teacher's build)."""
+
+  graphdef: Any  # the student's NNX structure
+  tx: optax.GradientTransformation
+  walk: Batches
+  loss: PolicyLoss | None = None
+  advantage: AdvantageSpec | None = None
+  distill: Distill | None = None  # the full-vocabulary term
+  teacher_graph: Any = None  # its teacher's structure
+  handoff: tuple[float, float] | None = None  # the adaptive hand-off's (decay, tol)
+
+
+def atod_update(spec: UpdateSpec, state: TrainState, batch: Trajectory, key: jax.Array,
+                teacher_logp: jax.Array | None = None, kappa=0.0, rho=0.0,
+                teacher_params=None) -> tuple[TrainState, dict]:
+  """One update of the student on a packed rollout batch: the ATOD advantages
+  ``kappa * w_k * (log pi_T - log pi_old) + rho * A`` from the teacher's scores of the
+  sampled tokens (:func:`advantages`), the adaptive hand-off's trigger fed this step's
+  disagreement, then every mini-batch and epoch of the clipped surrogate (plus the
+  full-vocabulary term) with AdamW (:func:`policy_update`). Returns the new state and
+  the step's metrics. Every update of a run goes through here, jitted once a spec."""
+  if spec.loss is None:
+    return sft_update(spec.graphdef, spec.tx, state, batch, key, spec.walk)
+  adv, distill_weights, metrics = advantages(batch, teacher_logp, kappa, rho, spec.advantage)
+  handoff = state.handoff
+  if spec.handoff is not None:  # this step's disagreement folded in (TIDE's trigger)
+    handoff = obj.handoff_update(handoff, metrics["disagreement"], *spec.handoff)
+    metrics = {**metrics, "handoff_ema": handoff.ema, "handoff_start": handoff.start}
+  state, upd = policy_update(spec.graphdef, spec.tx, state, batch, adv, key, spec.loss,
+                             spec.walk, spec.distill, spec.teacher_graph, teacher_params,
+                             distill_weights)
+  return state._replace(handoff=handoff), {**metrics, **upd}
+
+
+# Jitted entry points: the spec (model structure, optimizer, settings records) is static;
+# the state is donated (updated in place). Together: a multi-process run's processes
+# start each newly compiled program together.
+jit_atod_update = Together(jax.jit(atod_update, static_argnums=(0,), donate_argnums=(1,)))
 jit_score = Together(jax.jit(score, static_argnums=(0,),
                              static_argnames=("temperature", "chunks", "rows")))
 jit_turn_kl_sums = Together(jax.jit(turn_kl_sums, static_argnums=(0, 2, 5)))

@@ -152,7 +152,7 @@ def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
   see the whole row (T-DUR over turn ids 0..K-1 across segments)."""
   from atod_jax import objectives as obj
   from atod_jax.rollout.trajectory import pack, trim
-  from atod_jax.train import methods, steps
+  from atod_jax.train import steps
   env, codec = _window_codec(tmp_path)
   model = _model(codec, layers=2)
   traj, infos = host_rollout(model, codec, env, "train", [0, 1, 2, 3], jax.random.key(1),
@@ -191,8 +191,8 @@ def test_windowed_turns_each_see_their_own_prompt_and_train_as_such(tmp_path):
                              np.sort(np.asarray(b_)[np.asarray(cut.gen_mask)]), atol=1e-5)
   teacher = a + 0.1 * jnp.where(traj.gen_mask, 1.0, 0.0)
   sched = obj.annealing_schedules(10)
-  adv, none, _ = methods.advantages(traj, teacher, sched.kappa(3), sched.rho(3),
-                                    methods.AdvantageSpec("soft_or", "grpo", 2, 6))
+  adv, none, _ = steps.advantages(traj, teacher, sched.kappa(3), sched.rho(3),
+                                  steps.AdvantageSpec("soft_or", "grpo", 2, 6))
   assert adv.shape == traj.tokens.shape and none is None  # no full-vocabulary term
   flat = lambda x: x.reshape(4, -1)  # noqa: E731
   mask = flat(traj.gen_mask)

@@ -1,4 +1,4 @@
-"""The plan's functions run for real (atod_jax.train.measure): on the 8 CPU devices, every
+"""The plan's functions run for real (atod_jax.scaling.measure): on the 8 CPU devices, every
 function of a text environment's step runs on arguments made from the plan's sharded
 shapes, with the plan's worst case (every answer all its tokens) and a valid batch."""
 import jax
@@ -7,8 +7,9 @@ import pytest
 
 from atod_jax.models import ModelConfig
 from atod_jax.train import defaults as d
-from atod_jax.train import measure as ms
-from atod_jax.train import plan as pl
+from atod_jax.scaling import measure as ms
+from atod_jax.scaling import plan as pl
+from tests.train import tiny_config
 
 
 def _config():
@@ -29,9 +30,9 @@ def test_every_function_of_the_step_runs_on_the_plans_arguments():
   result = ms.measure(c, student=s_cfg, teacher=t_cfg, data=2, fsdp=4, repeats=1,
                       keep=lambda name, out: kept.__setitem__(name, out))
   names = ["rollout/prefill", "rollout/decode", "rollout/append", "score/teacher",
-           "advantages", "update"]
+           "update"]
   assert [r.name for r in result.rows] == names
-  assert [r.calls for r in result.rows] == [1, 2, 1, 1, 1, 1]  # context layout, 2 turns
+  assert [r.calls for r in result.rows] == [1, 2, 1, 1, 1]  # context layout, 2 turns
   assert result.devices == 8 and result.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
   # the decode ran the worst case: no row stopped, 8 rows x 4 tokens
   out = kept["rollout/decode"]
@@ -62,4 +63,4 @@ def test_every_function_of_the_step_runs_on_the_plans_arguments():
 
 def test_a_device_environment_is_refused_in_one_line():
   with pytest.raises(pl.PlanError, match="rolls out on the device"):
-    ms.measure(d.quickstart(), student="qwen3-0.6b", teacher="qwen3-4b")
+    ms.measure(tiny_config.shipped("quickstart"), student="qwen3-0.6b", teacher="qwen3-4b")

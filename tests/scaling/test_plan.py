@@ -1,4 +1,4 @@
-"""The ahead-of-time plan (atod_jax.train.plan): its FLOP count against XLA's own, its
+"""The ahead-of-time plan (atod_jax.scaling.plan): its FLOP count against XLA's own, its
 per-chip bytes against the shapes, its errors, and the paper-scale 0.6B run compiled
 by the real TPU compiler for v5e:2x4 (needs libtpu, from the test extra's jax[tpu])."""
 import os
@@ -11,7 +11,7 @@ from flax import nnx
 
 from atod_jax.models import DecoderLM, ModelConfig
 from atod_jax.sampling.logprobs import token_logprobs
-from atod_jax.train import plan as pl
+from atod_jax.scaling import plan as pl
 from tests.train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -102,7 +102,7 @@ def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
   plan = pl.plan(config, "v5e:2x4", student="qwen3-0.6b", teacher="qwen3-4b")
   names = [r.name for r in plan.rows]
   assert names == ["rollout/prefill", "rollout/decode", "score/teacher", "score/student",
-                   "advantages", "update"]
+                   "update"]
   assert plan.fits, plan.table()
   assert not any(r.refused for r in plan.rows)
   student = pl.model_config("qwen3-0.6b").num_params()
@@ -119,7 +119,7 @@ def test_paper_scale_06b_plan_compiles_and_fits_v5e_2x4():
 def test_command_line_says_what_is_wrong_in_one_line():
   import subprocess
   import sys
-  base = [sys.executable, "-m", "atod_jax.plan", f"--config={ROOT}/configs/alfworld_qwen3.py"]
+  base = [sys.executable, "-m", "atod_jax.scaling", f"--config={ROOT}/configs/alfworld_qwen3.py"]
   proc = subprocess.run(base + ["--target=v9:2x2", "--student=qwen3-0.6b",
                                 "--teacher=qwen3-4b"], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and "error: unknown target 'v9:2x2'" in proc.stderr

@@ -109,7 +109,7 @@ def test_full_vocabulary_term_gradient_moves_the_student_toward_the_teacher():
     return float(jnp.sum(div * gen) / jnp.sum(gen))
 
   before = divergence(params)
-  state, metrics = steps.jit_policy_update(
+  state, metrics = jax.jit(steps.policy_update, static_argnums=(0, 1, 6, 7, 8, 9))(
       graphdef, tx, steps.init_state(params, tx), traj, jnp.zeros(tokens.shape),
       jax.random.key(0), steps.PolicyLoss(), steps.Batches(1, 1, 1), distill, t_graph,
       t_params, gen.astype(jnp.float32))
@@ -213,3 +213,28 @@ def test_evaluation_kl_per_turn_against_numpy():
                                np.mean([m[0] for (i, kk), m in means.items() if kk == k]),
                                rtol=1e-5)
   assert "kl_reverse_turn3" not in metrics  # no episode reached turn 3
+
+
+def test_every_update_of_a_run_is_atod_update(tmp_path, monkeypatch):
+  """The teacher's build (behaviour cloning, then GRPO), the student's warm start and the
+  run's ATOD steps all update the weights inside ``steps.atod_update``: every trace of
+  the optimizer loop (``steps._minibatch_update``) has it on the stack, and each phase
+  traced one."""
+  import inspect
+  from atod_jax.train import train
+  seen = []
+  inner = steps._minibatch_update
+
+  def watched(loss_fn, tx, state, batch, key, walk, prepare=None):
+    names = [f.function for f in inspect.stack()]
+    seen.append(("atod_update" in names, "policy" if prepare is not None else "supervised"))
+    return inner(loss_fn, tx, state, batch, key, walk, prepare)
+
+  monkeypatch.setattr(steps, "_minibatch_update", watched)
+  jax.clear_caches()  # trace afresh: an update traced by an earlier test would not show
+  config = tiny_config.get_config()
+  config.teacher.build.grpo_steps = 1
+  config.train.update(steps=2, eval_every=2, checkpoint_every=2)
+  train(config, str(tmp_path / "run"), quiet=True)
+  assert seen and all(inside for inside, _ in seen), seen
+  assert {kind for _, kind in seen} == {"policy", "supervised"}

@@ -60,8 +60,9 @@ def test_update_sliced_into_turns_equals_the_whole_minibatch(aggregation):
 
   def run(micro):
     copy = jax.tree.map(lambda x: np.array(x), params)
-    return steps.jit_policy_update(graphdef, tx, init_state(copy, tx), traj, adv,
-                                   jax.random.key(1), loss, Batches(1, 1, micro))
+    update = jax.jit(steps.policy_update, static_argnums=(0, 1, 6, 7))
+    return update(graphdef, tx, init_state(copy, tx), traj, adv, jax.random.key(1), loss,
+                  Batches(1, 1, micro))
 
   whole, m1 = run(1)
   sliced, m6 = run(6)

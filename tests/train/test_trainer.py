@@ -15,7 +15,7 @@ import pytest
 from atod_jax.models import checkpoint as model_io
 from atod_jax.train import METHODS, ConfigError, validate
 from atod_jax.train.steps import (Batches, PolicyLoss, checkpoint_item, init_state,
-                                  jit_policy_update, make_optimizer)
+                                  make_optimizer, policy_update)
 
 from tests.train import tiny_config
 
@@ -430,8 +430,9 @@ def _copy(tree):
 
 def _policy_update(graphdef, tx, params, traj, adv, *, epochs, microbatches=1):
   """One clipped-surrogate update from fresh optimizer state, 2 mini-batches."""
-  return jit_policy_update(graphdef, tx, init_state(params, tx), traj, adv, jax.random.key(5),
-                           PolicyLoss(), Batches(2, epochs, microbatches))
+  update = jax.jit(policy_update, static_argnums=(0, 1, 6, 7))
+  return update(graphdef, tx, init_state(params, tx), traj, adv, jax.random.key(5), PolicyLoss(),
+                Batches(2, epochs, microbatches))
 
 
 def test_sharded_update_equals_one_device():
@@ -556,7 +557,7 @@ def test_adafactor_state_is_sharded_checkpointed_and_resumed(tmp_path):
   from atod_jax.models.config import ModelConfig
   from atod_jax.models.sharding import make_mesh
   from atod_jax.train import defaults as d, train
-  from atod_jax.train.loop import _state_shardings
+  from atod_jax.train.loop import train_state_shardings
   config = tiny_config.get_config()
   config.student.model = d.tiny_model(128, 1, 2, 256)  # its MLP is factored (dims >= 128)
   config.optim.optimizer = "adafactor"
@@ -566,7 +567,7 @@ def test_adafactor_state_is_sharded_checkpointed_and_resumed(tmp_path):
   tx = make_optimizer(config.optim)
   _, shapes = model_io.abstract(ModelConfig(**config.student.model))
   abstract = jax.eval_shape(lambda p: init_state(p, tx), shapes)
-  sh = _state_shardings(tx, abstract, make_mesh(4, 2, 1))
+  sh = train_state_shardings(tx, abstract, make_mesh(4, 2, 1))
   params = {(x.shape, s.spec) for x, s in zip(jax.tree.leaves(abstract.params),
                                               jax.tree.leaves(sh.params))}
   opt = list(zip(jax.tree.leaves(abstract.opt_state), jax.tree.leaves(sh.opt_state)))

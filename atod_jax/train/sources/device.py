@@ -48,7 +48,7 @@ class DeviceSource:
     env = registry.resolve(registry.get(e.kind).device)(e)
     self.spec = DeviceRollout(env, e.obs_len)
     self.mesh = mesh
-    self.penalty = float(e.get("invalid_penalty", 0.0))
+    self.penalty = float(e.invalid_penalty)
     self.max_turns = self.spec.max_turns
     self.name = e.kind + (f"-{e.preset}" if "preset" in e else "")
 

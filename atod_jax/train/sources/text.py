@@ -50,9 +50,9 @@ class TextSource:
     self.config, self.mesh = config, mesh
     e = config.env
     self.name, self.max_turns = e.kind, e.max_turns
-    self.penalty = float(e.get("invalid_penalty", 0.0))
+    self.penalty = float(e.invalid_penalty)
     self.spec = TextRollout(e.max_turns, e.prompt_len, e.response_len, e.obs_len,
-                            layout=e.get("layout", "context"), history=e.get("history", 2))
+                            layout=e.layout, history=e.history)
     self.pool = EnvPool(_factory(e), num_workers=e.workers, step_timeout=e.step_timeout,
                         start_timeout=max(600.0, e.step_timeout))
     self.num_train = self.pool.num_tasks(e.train_split)
