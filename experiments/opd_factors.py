@@ -48,6 +48,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "ba
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the runs and the tables go")
 _FACTORS = flags.DEFINE_string("factors", ",".join(FACTORS), "comma-separated factors")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2,3,4", "comma-separated seeds")
+_VARIANTS = flags.DEFINE_string("variants", "", "comma-separated indices of the variants of "
+                                "each factor to run, in that order (default: all; 0 is the "
+                                "default setting)")
 flags.mark_flag_as_required("workdir")
 
 
@@ -98,7 +101,9 @@ def main(argv):
   teacher = None
   for factor in factors:
     rows, steps = [], None
-    for name, fields in FACTORS[factor]:
+    chosen = ([FACTORS[factor][int(i)] for i in _VARIANTS.value.split(",")]
+              if _VARIANTS.value else FACTORS[factor])
+    for name, fields in chosen:
       config = base.copy_and_resolve_references()
       for field, value in fields.items():
         section, key = field.split(".")

@@ -232,9 +232,13 @@ def test_every_update_of_a_run_is_atod_update(tmp_path, monkeypatch):
 
   monkeypatch.setattr(steps, "_minibatch_update", watched)
   jax.clear_caches()  # trace afresh: an update traced by an earlier test would not show
-  config = tiny_config.get_config()
-  config.teacher.build.grpo_steps = 1
-  config.train.update(steps=2, eval_every=2, checkpoint_every=2)
+  config = tiny_config.get_config()  # as small as a run gets: compiling is the cost
+  config.teacher.build.update(grpo_steps=1, sft_steps=1, select_every=0)
+  config.student.sft.steps = 1
+  config.rollout.update(tasks_per_step=1, group_size=2)
+  config.optim.minibatches = 1
+  config.train.update(steps=1, eval_every=1, checkpoint_every=1)
+  config.eval.update(episodes=2, kl=False)
   train(config, str(tmp_path / "run"), quiet=True)
   assert seen and all(inside for inside, _ in seen), seen
   assert {kind for _, kind in seen} == {"policy", "supervised"}
