@@ -58,3 +58,15 @@ def initialize(distributed=None) -> bool:
 def is_main() -> bool:
   """Whether this process writes the run's logs and exports (process 0)."""
   return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` holds in any of the run's processes (this one's alone in a
+  single-process run). What a step's end asks before it stops for a signal: a TPU slice
+  preempts one host (SIGTERM to one process), and every process must then save the same
+  step and stop, or the others wait at the next step's collectives for one that left."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))

@@ -328,7 +328,8 @@ def _steps(run: Run, state, log, manager, resumed, quiet) -> tuple[TrainState, b
         done = step + 1
         if done % t.eval_every == 0 or done == steps:
           evaluate_and_save(run, state, log, done)
-        interrupted = stop.hit and done < steps
+        # a signal to any one process (a preempted host) stops every process at this step
+        interrupted = distributed.any_process(stop.hit) and done < steps
         if done % t.checkpoint_every == 0 or done == steps or interrupted:
           if last_saved != done:
             distributed.sync(f"checkpoint {done}")  # orbax's barriers are collectives

@@ -159,6 +159,45 @@ def test_household_two_processes_equal_one_and_resume_after_kill(tmp_path):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+@pytest.mark.slow  # three 2-process runs, about 6 min on 2 cores: beyond CI's budget
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes(tmp_path):
+  """A preempted host: SIGTERM to process 1 alone, during the run. Both processes finish
+  the step, save the same checkpoint and exit 130; started again, the run ends with the
+  training records and parameters of an uninterrupted one."""
+  config = os.path.join(ROOT, "tests", "train", "tiny_config.py")
+  steps = "--config.train.steps=3"
+  _run(tmp_path / "ref", 2, 4, config, steps)
+  work = tmp_path / "work"
+  procs = _start(work, 2, 4, config, steps)
+  deadline = time.monotonic() + 600
+  while not os.path.isdir(work / "checkpoints" / "1"):
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+        [log[-2000:] for p, log in zip(procs, _logs(procs)) if p.poll() is not None]
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    p.wait(timeout=600)
+  logs = _logs(procs)
+  assert [p.returncode for p in procs] == [130, 130], [_excerpt(x) for x in logs]
+  saved = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
+  assert saved and saved[-1] < 3 and not os.path.exists(work / "summary.json")
+  assert "interrupted: saved the checkpoint at step" in logs[0]
+  resumed = _run(work, 2, 4, config, steps)
+  assert f"resuming from the checkpoint at step {saved[-1]}" in resumed[0]
+
+  def train(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not (k.startswith("seconds/") or k in TIMING)}
+            for r in rows if r["kind"] == "train"]
+  assert train(work) == train(tmp_path / "ref")
+  with ocp.StandardCheckpointer() as ckpt:
+    p1 = ckpt.restore(os.path.join(tmp_path / "ref", "student", "params"))
+    p2 = ckpt.restore(os.path.join(work, "student", "params"))
+  for u, v in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 SMALL = ["--config.train.steps=2", "--config.train.eval_every=2",
          "--config.train.checkpoint_every=1", "--config.teacher.build.sft_steps=3",
          "--config.teacher.build.select_episodes=8", "--config.teacher.build.demo_episodes=8",
