@@ -2,17 +2,18 @@
 
 A :class:`Method` is a record: how the OPD and RL terms are weighted over the steps
 (kappa(s), rho(s)), which T-DUR turn weights it uses, whether it needs the teacher and
-groups of rollouts, and what kind of update it makes. :func:`make_update` turns a method and the config into
-an :class:`Update`, the callable that takes a batch to the next train state. The main
-loop, the teacher's GRPO phase and behaviour cloning (the teacher's build, the
-student's warm start, the ``sft`` baseline) all go through it. The ``objective`` section
+groups of rollouts, and what kind of update it makes. :func:`make_update` turns a method
+and the config into an :class:`Update`, the callable that takes a batch to the next
+train state (through :func:`atod_jax.train.steps.atod_update`). The main loop, the
+teacher's GRPO phase and behaviour cloning (the teacher's build, the student's warm
+start, the ``sft`` baseline) all go through it. The ``objective`` section
 of the config is read here only (its fields and defaults:
 :func:`atod_jax.train.defaults.objective`); :func:`validate_objective` checks them.
 
 Adding a method: one entry in :data:`METHODS`; a new term adds its settings to
 :func:`atod_jax.train.defaults.objective` / :func:`validate_objective`, its math to
-:mod:`atod_jax.objectives` and its use to :func:`atod_jax.train.steps.advantages` (or, for a loss term, to
-:func:`atod_jax.train.steps.policy_update`).
+:mod:`atod_jax.objectives` and its use to :func:`atod_jax.train.steps.advantages` (or,
+for a loss term, to :func:`atod_jax.train.steps.policy_update`).
 """
 from __future__ import annotations
 
